@@ -1,0 +1,1 @@
+"""loraplex.server: the serving engine and the gRPC front end."""
