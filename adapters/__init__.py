@@ -7,7 +7,8 @@
         logits = model(input_ids).logits                # row 0 through the adapter, row 1 the base model
 """
 
-from . import lora  # noqa: F401  (each family registers its adapter_type on import)
+# each family registers its adapter_type on import
+from . import gift, hybrid, lora, loratrf, mtl_lora, r_lora  # noqa: F401
 from .base import Adapter, BoundAdapter
 from .context import BatchContext
 from .errors import (

@@ -117,13 +117,19 @@ class Adapter(ABC):
 
 
 class BoundAdapter(ABC):
-    """An adapter ready to serve on one base model. Holds device tensors only; never mutates the model."""
+    """An adapter ready to serve on one base model. Holds device tensors only; never mutates the model.
+
+    `bind` is differentiable (no detach, no in-place writes to the adapter's tensors): a trainer makes the
+    adapter's tensors require grad and binds again each step.
+    """
 
     def __init__(self, adapter: Adapter, modules: frozenset[str]) -> None:
         self.adapter = adapter
         self.modules = modules
         # R-LoRA routes by content, so all of its tasks share one group of rows
         self.task_sensitive = adapter.multi_task
+        # training only (the trainer sets it): the family's own dropout; serving always runs with 0
+        self.dropout = 0.0
 
     @property
     def mergeable(self) -> bool:

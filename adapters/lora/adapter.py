@@ -116,7 +116,11 @@ class BoundLowRank(BoundAdapter):
 
     def delta(self, module: str, x: torch.Tensor, h: torch.Tensor, task: int) -> torch.Tensor | None:
         pair = self.pairs.get(module)
-        return None if pair is None else lowrank_delta(x, *pair)
+        if pair is None:
+            return None
+        if self.dropout:
+            x = torch.nn.functional.dropout(x, self.dropout)
+        return lowrank_delta(x, *pair)
 
     def delta_weight(self, module: str, task: int) -> torch.Tensor | None:
         pair = self.pairs.get(module)
