@@ -126,7 +126,7 @@ class BoundAdapter(ABC):
     def __init__(self, adapter: Adapter, modules: frozenset[str]) -> None:
         self.adapter = adapter
         self.modules = modules
-        # R-LoRA routes by content, so all of its tasks share one group of rows
+        # whether rows of different tasks need separate groups (R-LoRA, routed by content, sets False)
         self.task_sensitive = adapter.multi_task
         # training only (the trainer sets it): the family's own dropout; serving always runs with 0
         self.dropout = 0.0

@@ -25,6 +25,7 @@ class AdaptedModel:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        model.requires_grad_(False)  # the base is frozen; otherwise bound factors would carry autograd graphs
         self._context: BatchContext | None = None
         self.merged: tuple[BoundAdapter, int] | None = None
         self.layers = _inject(model, lambda: self._context)

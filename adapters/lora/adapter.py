@@ -127,4 +127,6 @@ class BoundLowRank(BoundAdapter):
         return None if pair is None else lowrank_weight(*pair)
 
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.pairs.values())
+        """Bytes of the device factors, each tensor counted once (GIFT shares A across layers)."""
+        unique = {id(t): t for a, b, _ in self.pairs.values() for t in (a, b)}
+        return sum(t.numel() * t.element_size() for t in unique.values())
