@@ -106,3 +106,11 @@ def test_every_architecture_serves_a_mixed_batch(arch, tmp_path):
         assert (batch[i, : len(seq)] - alone).abs().max() <= 1e-5
     expected_layers = {"gpt2": 4 * 2}.get(arch, 7 * 2)
     assert len(adapted.layers) == expected_layers
+
+
+def test_non_finite_weights_are_refused(lora_dir):
+    bad = torch.zeros(4, 32)
+    bad[1, 3] = float("nan")
+    edit(lora_dir, add_tensors={tensor_key(MODULE, "A"): bad})
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        load_adapter(lora_dir)
