@@ -10,6 +10,7 @@ Two levels (adapter-methods.md §7):
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from .io import write_adapter_dir
 from .linear import LinearSpec
 from .targets import matches_target
 
+_SERIALS = itertools.count()
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -123,9 +125,13 @@ class BoundAdapter(ABC):
     adapter's tensors require grad and binds again each step.
     """
 
+    # True where `lowrank_factors` describes the delta exactly, so that batches can stack it (grouped.py)
+    stackable: bool = False
+
     def __init__(self, adapter: Adapter, modules: frozenset[str]) -> None:
         self.adapter = adapter
         self.modules = modules
+        self.serial = next(_SERIALS)  # identity for caches (an id() can be reused once an object is freed)
         # whether rows of different tasks need separate groups (R-LoRA, routed by content, sets False)
         self.task_sensitive = adapter.multi_task
         # training only (the trainer sets it): the family's own dropout; serving always runs with 0
@@ -145,6 +151,11 @@ class BoundAdapter(ABC):
     def delta(self, module: str, x: torch.Tensor, h: torch.Tensor, task: int) -> torch.Tensor | None:
         """The adapter output for `module`: x [n, d_in], base output h [n, d_out] -> [n, d_out], or None
         where the adapter does not touch `module`."""
+
+    def lowrank_factors(self, module: str, task: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A [r, d_in], B [d_out, r], s) with delta = s·(x Aᵀ)Bᵀ, for `stackable` families; None where the
+        module is untouched."""
+        raise NotImplementedError(f"{self.adapter.adapter_type} adapters are not a single low-rank pair")
 
     def delta_weight(self, module: str, task: int) -> torch.Tensor | None:
         """Dense ΔW [d_out, d_in] in fp32 for merging, or None where the module is untouched."""

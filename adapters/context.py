@@ -7,14 +7,18 @@ then reuses the same grouping. Rows with no adapter are in no group and pay noth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from .grouped import MAX_MEAN_ROWS, LowRankStacks, PaddedRows
+
 if TYPE_CHECKING:
     from .base import BoundAdapter
+
+StacksFor = Callable[[tuple[tuple["BoundAdapter", int], ...]], LowRankStacks]
 
 Rows = slice | torch.Tensor  # a contiguous range, or a LongTensor of row indices
 
@@ -30,25 +34,41 @@ class RowGroup:
 
 
 @dataclass(frozen=True)
+class StackedGroups:
+    """Groups served together by `grouped.grouped_delta` instead of one by one."""
+
+    stacks: LowRankStacks
+    plan: PaddedRows
+
+
+@dataclass(frozen=True)
 class BatchContext:
     """The grouping of one forward pass's rows by (adapter, task)."""
 
     num_rows: int
-    groups: tuple[RowGroup, ...]
+    groups: tuple[RowGroup, ...]  # served one group at a time
     # per-sequence assignment, kept for merge checks and diagnostics
     assignments: tuple[tuple["BoundAdapter | None", int], ...]
+    stacked: StackedGroups | None = None  # many small low-rank groups, served in one batched matmul
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups and self.stacked is None
 
     @staticmethod
     def build(
         assignments: Sequence[tuple["BoundAdapter | None", int]],
         rows_per_sequence: int | Sequence[int],
         device: torch.device | str = "cpu",
+        stacks_for: StacksFor | None = None,
     ) -> "BatchContext":
         """Group rows by (adapter, task).
 
         assignments: one (bound adapter or None for the base model, task index) per sequence.
         rows_per_sequence: an int for a padded [batch, seq] layout (every sequence owns seq rows),
             or one length per sequence for a packed layout; sequences own consecutive rows in order.
+        stacks_for: when given, two or more small groups of `stackable` adapters are served together
+            through stacked factors (grouped.py) that this callable provides and caches.
         """
         n = len(assignments)
         lengths = [rows_per_sequence] * n if isinstance(rows_per_sequence, int) else list(rows_per_sequence)
@@ -64,11 +84,27 @@ class BatchContext:
                 owners[key] = adapter
                 spans.setdefault(key, []).append((start, start + length))
             start += length
-        groups = tuple(
+        groups = [
             RowGroup(owners[key], key[1], _rows(ranges, device), sum(e - s for s, e in ranges))
             for key, ranges in spans.items()
-        )
-        return BatchContext(num_rows=start, groups=groups, assignments=tuple(assignments))
+        ]
+        stacked = _stack(groups, stacks_for, device) if stacks_for is not None else None
+        if stacked is not None:
+            groups = [g for g in groups if not _stackable(g)]
+        return BatchContext(start, tuple(groups), tuple(assignments), stacked)
+
+
+def _stackable(group: RowGroup) -> bool:
+    return group.adapter.stackable and not group.adapter.dropout
+
+
+def _stack(groups: list[RowGroup], stacks_for: StacksFor, device: torch.device | str) -> StackedGroups | None:
+    """Stack the low-rank groups when there are several and they are small (decode steps); inference only."""
+    chosen = [g for g in groups if _stackable(g)]
+    if len(chosen) < 2 or torch.is_grad_enabled() or sum(g.num_rows for g in chosen) > MAX_MEAN_ROWS * len(chosen):
+        return None
+    rows = [torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu() for g in chosen]
+    return StackedGroups(stacks_for(tuple((g.adapter, g.task) for g in chosen)), PaddedRows.build(rows, device))
 
 
 def _rows(ranges: list[tuple[int, int]], device: torch.device | str) -> Rows:

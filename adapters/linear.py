@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .grouped import grouped_delta
+
 if TYPE_CHECKING:
     from .context import BatchContext
 
@@ -57,7 +59,7 @@ class AdaptedLinear(nn.Module):
         else:
             out = self.base(x)
         ctx = self._context()
-        if ctx is None or not ctx.groups:
+        if ctx is None or ctx.empty:
             return out
         x2 = x.reshape(-1, self.in_features)  # [rows, d_in]
         if x2.shape[0] != ctx.num_rows:
@@ -76,6 +78,10 @@ class AdaptedLinear(nn.Module):
                 out2 = out2.index_add(0, _as_index(group.rows, out2.device), delta)
             else:
                 out2.index_add_(0, group.rows, delta)
+        if ctx.stacked is not None:  # inference only, so in place
+            stacks = ctx.stacked.stacks.get(self.name, self.in_features, self.out_features)
+            if stacks is not None:
+                out2.index_add_(0, ctx.stacked.plan.rows, grouped_delta(x2, stacks, ctx.stacked.plan).to(out2.dtype))
         return out2.view(out.shape)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -11,6 +12,7 @@ from torch import nn
 from .base import Adapter, BoundAdapter
 from .context import BatchContext
 from .errors import UnsupportedAdapterError
+from .grouped import LowRankStacks
 from .linear import LINEAR_TYPES, AdaptedLinear, LinearSpec, base_weight
 
 
@@ -28,6 +30,8 @@ class AdaptedModel:
         model.requires_grad_(False)  # the base is frozen; otherwise bound factors would carry autograd graphs
         self._context: BatchContext | None = None
         self.merged: tuple[BoundAdapter, int] | None = None
+        self.stacked = True  # serve many small low-rank groups through grouped.py (False: one by one)
+        self._stacks: OrderedDict[tuple[tuple[int, int], ...], LowRankStacks] = OrderedDict()
         self.layers = _inject(model, lambda: self._context)
         if not self.layers:
             raise UnsupportedAdapterError(f"{type(model).__name__} has no linear layers that adapters can target")
@@ -50,16 +54,30 @@ class AdaptedModel:
         self, assignments: Sequence[tuple[BoundAdapter | None, int]], rows_per_sequence: int | Sequence[int]
     ) -> Iterator[BatchContext]:
         """Serve one forward pass: sequence i through assignments[i] = (bound adapter or None, task)."""
-        ctx = BatchContext.build(assignments, rows_per_sequence, self.device)
         if self.merged is not None:
             if any((a, t) != self.merged for a, t in assignments):
                 raise RuntimeError("a merged adapter serves the whole batch; unmerge before mixing adapters")
-            ctx = BatchContext(ctx.num_rows, (), ctx.assignments)
+            ctx = BatchContext(BatchContext.build(assignments, rows_per_sequence).num_rows, (), tuple(assignments))
+        else:
+            ctx = BatchContext.build(assignments, rows_per_sequence, self.device,
+                                     self._stacks_for if self.stacked else None)
         self._context = ctx
         try:
             yield ctx
         finally:
             self._context = None
+
+    def _stacks_for(self, members: tuple[tuple[BoundAdapter, int], ...]) -> LowRankStacks:
+        """Stacked factors for this batch composition, reused while it lasts (a few compositions kept:
+        decode steps repeat one; each holds a copy of its adapters' factors)."""
+        key = tuple((bound.serial, task) for bound, task in members)
+        stacks = self._stacks.get(key)
+        if stacks is None:
+            stacks = self._stacks[key] = LowRankStacks(members, len(self.layers))
+            while len(self._stacks) > 2:
+                self._stacks.popitem(last=False)
+        self._stacks.move_to_end(key)
+        return stacks
 
     @torch.no_grad()
     def merge(self, bound: BoundAdapter, task: int = 0) -> None:

@@ -110,9 +110,14 @@ class LoraAdapter(Adapter):
 class BoundLowRank(BoundAdapter):
     """One (A, B, s) per module: plain LoRA, and every family that reduces to it at load time."""
 
+    stackable = True
+
     def __init__(self, adapter: Adapter, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         super().__init__(adapter, frozenset(pairs))
         self.pairs = pairs
+
+    def lowrank_factors(self, module: str, task: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        return self.pairs.get(module)
 
     def delta(self, module: str, x: torch.Tensor, h: torch.Tensor, task: int) -> torch.Tensor | None:
         pair = self.pairs.get(module)

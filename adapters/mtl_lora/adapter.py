@@ -131,10 +131,20 @@ class MtlLoraAdapter(Adapter):
 class BoundMtlLora(BoundAdapter):
     """A shared A, per-task Λ_t and precomputed per-task B̃_t for every adapted module."""
 
+    stackable = True
+
     def __init__(self, adapter: MtlLoraAdapter, layout: dict[str, tuple[torch.Tensor, ...]]) -> None:
         super().__init__(adapter, frozenset(layout))
         self.layout = layout
         self.scaling = adapter.config.scaling
+
+    def lowrank_factors(self, module: str, task: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """Task t as a plain pair: A'_t = Λ_t A [r, d_in], B̃_t [d_out, r] (adapter-methods.md §2.5)."""
+        entry = self.layout.get(module)
+        if entry is None:
+            return None
+        a, lam, b_mix = entry
+        return lam[task] @ a, b_mix[task], self.scaling
 
     def delta(self, module: str, x: torch.Tensor, h: torch.Tensor, task: int) -> torch.Tensor | None:
         entry = self.layout.get(module)

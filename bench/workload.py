@@ -1,0 +1,175 @@
+"""Workload W of BENCHMARK.md, run in-process on the engine and on the peers, side by side in one run.
+
+usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135] [--rank 16]
+                                [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2]
+Prints one JSON line per measurement and a markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture import build_fixture, many_adapters  # noqa: E402
+from peers import hf_static_generate, peft_generate  # noqa: E402
+
+from loraplex.adapters import AdaptedModel  # noqa: E402
+from loraplex.server.engine import Engine, EngineConfig  # noqa: E402
+from loraplex.server.loader import load_base  # noqa: E402
+from loraplex.server.manager import AdapterManager  # noqa: E402
+from loraplex.server.request import SamplingParams  # noqa: E402
+
+SCENARIOS = {"base": 0, "a1": 1, "a8": 8, "a32": 32, "zipf1000": 1000}
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 1, (n, length), generator=gen).tolist()
+
+
+def zipf_names(names: list[str], n: int, seed: int = 0) -> list[str]:
+    """n draws over `names` with popularity Zipf(1.0)."""
+    weights = torch.tensor([1.0 / (i + 1) for i in range(len(names))])
+    picks = torch.multinomial(weights, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return [names[i] for i in picks.tolist()]
+
+
+class Collector:
+    """EngineObserver that keeps the per-request records."""
+
+    def __init__(self) -> None:
+        self.records = []
+
+    def request_finished(self, record) -> None:
+        self.records.append(record)
+
+    def step(self, record) -> None:
+        pass
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: list[str], warm: list[str],
+               ids: list[list[int]], new: int, device_capacity: int) -> dict:
+    """Submit every request at once; throughput = generated tokens / (last finish - first submit)."""
+    collector = Collector()
+    host = max(device_capacity, 64)
+    with AdapterManager(adapted, adapter_dir, host_capacity=host, device_capacity=device_capacity) as manager:
+        for name in sorted(set(t for t in task_ids if t)):
+            manager.load(name, name)
+        for name in warm:
+            manager.wait_resident(name, timeout=60)
+        config = EngineConfig(max_slots=64, max_seq_len=len(ids[0]) + new + 8, observer=collector)
+        with Engine(adapted, tokenizer, manager, config) as engine:
+            engine.generate(task_ids[0], ids[0][:8], SamplingParams(max_new_tokens=2, ignore_eos=True))
+            collector.records.clear()
+            params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+            t0 = time.perf_counter()
+            handles = [engine.submit(t, p, params) for t, p in zip(task_ids, ids)]
+            results = [h.result(timeout=3600) for h in handles]
+            seconds = time.perf_counter() - t0
+    tokens = sum(r.generated_tokens for r in results)
+    failed = sum(1 for r in results if r.generated_tokens != new)
+    ttft = [r.ttft_s for r in collector.records if r.ttft_s is not None]
+    return {"tok_per_s": tokens / seconds, "seconds": seconds, "failed": failed,
+            "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * percentile(ttft, 0.99)}
+
+
+def cold_load(adapted: AdaptedModel, adapter_dir: Path, names: list[str]) -> dict:
+    """Disk -> servable (read, validate, bind) per adapter, through the manager."""
+    times = []
+    with AdapterManager(adapted, adapter_dir, host_capacity=len(names), device_capacity=len(names)) as manager:
+        for name in names:
+            t0 = time.perf_counter()
+            manager.load(name, name)
+            manager.wait_resident(name, timeout=60)
+            times.append(time.perf_counter() - t0)
+    return {"cold_load_p50_ms": 1000 * statistics.median(times), "cold_load_max_ms": 1000 * max(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fixture", type=Path, default=Path("bench/out/fixture"))
+    ap.add_argument("--preset", default="smol135", choices=["tiny", "smol135"])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--scenarios", default="base,a1,a8,a32,zipf1000")
+    ap.add_argument("--peers", default="peft,hf")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--zipf-requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    scenarios = [s for s in a.scenarios.split(",") if s]
+    fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
+    adapter_dir = fixture / "adapters"
+    names = sorted(p.name for p in adapter_dir.glob("lora-*"))
+    model, tokenizer = load_base(str(fixture / "base"), device="cpu", dtype="float32")
+    adapted = AdaptedModel(model)
+    vocab = model.config.vocab_size
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    for scenario in scenarios:
+        k = SCENARIOS[scenario]
+        if scenario == "zipf1000":
+            many = many_adapters(fixture, 1000)
+            tasks = zipf_names(sorted(p.name for p in many.iterdir()), a.zipf_requests)
+            ids = prompts(a.zipf_requests, a.prompt_len, vocab)
+            emit({"system": "loraplex", "scenario": scenario,
+                  **run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32)})
+            continue
+        ids = prompts(a.requests, a.prompt_len, vocab)
+        tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
+        emit({"system": "loraplex", "scenario": scenario,
+              **run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new, device_capacity=max(k, 1))})
+    emit({"system": "loraplex", "scenario": "cold_load", **cold_load(adapted, adapter_dir, names[:20])})
+    del adapted, model
+    ids = prompts(a.requests, a.prompt_len, vocab)
+    peers = [p for p in a.peers.split(",") if p]
+    if "hf" in peers:
+        emit({"system": "transformers", "scenario": "base", **hf_static_generate(fixture / "base", ids, a.new)})
+    if "peft" in peers:
+        for scenario in scenarios:
+            if scenario != "zipf1000":
+                emit({"system": "peft", "scenario": scenario,
+                      **peft_generate(fixture, ids, a.new, SCENARIOS[scenario], names)})
+    print_table(rows, a)
+
+
+def print_table(rows: list[dict], a: argparse.Namespace) -> None:
+    base = {r["system"]: r["tok_per_s"] for r in rows if r.get("scenario") == "base"}
+    print(f"\n| system | scenario | tok/s | / own base | TTFT p50 ms | TTFT p99 ms | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "tok_per_s" not in r:
+            continue
+        ratio = r["tok_per_s"] / base[r["system"]] if r["system"] in base else float("nan")
+        p50, p99 = r.get("ttft_p50_ms"), r.get("ttft_p99_ms")
+        print(f"| {r['system']} | {r['scenario']} | {r['tok_per_s']:.0f} | {ratio:.2f} | "
+              f"{'' if p50 is None else f'{p50:.0f}'} | {'' if p99 is None else f'{p99:.0f}'} | {r.get('failed', '')} |")
+    for r in rows:
+        if r["scenario"] == "cold_load":
+            print(f"\ncold load p50 {r['cold_load_p50_ms']:.1f} ms, max {r['cold_load_max_ms']:.1f} ms")
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, preset {a.preset}, rank {a.rank}")
+
+
+if __name__ == "__main__":
+    main()

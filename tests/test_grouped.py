@@ -1,0 +1,47 @@
+"""The stacked (grouped) path equals the per-group reference loop, and is the one taken in decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import TASKS, make_adapter
+from tiny import prompts, tiny_model
+
+from loraplex.adapters import AdaptedModel, BatchContext
+from loraplex.adapters.grouped import PaddedRows
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stacked_decode_step_equals_the_reference_loop(arch, tmp_path):
+    adapted = AdaptedModel(tiny_model(arch))
+    bound = [adapted.bind(make_adapter(f, adapted, arch, f"{f}{i}", tmp_path, seed=i))
+             for i, f in enumerate(["lora", "lora", "gift", "mtl_lora", "r_lora", "lora"])]
+    plan = [(b, t % len(TASKS) if b.adapter.multi_task else 0) for b in bound for t in range(2)] + [(None, 0)]
+    ids = torch.stack(prompts([1] * len(plan), seed=4))  # one token per sequence, as in decode
+    results = {}
+    for stacked in (False, True):
+        adapted.stacked = stacked
+        with torch.no_grad(), adapted.batch(plan, 1) as ctx:
+            results[stacked] = adapted.model(ids).logits
+        assert (ctx.stacked is not None) == stacked
+    assert (results[True] - results[False]).abs().max() <= 1e-5
+    # stacked groups are only the low-rank families; R-LoRA stays on the loop
+    assert [g.adapter.adapter.adapter_type for g in ctx.groups] == ["r_lora"]
+
+
+def test_large_groups_and_training_use_the_loop(tmp_path):
+    adapted = AdaptedModel(tiny_model("llama"))
+    a, b = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path)) for n in "ab")
+    stacks_for = adapted._stacks_for
+    with torch.no_grad():
+        assert BatchContext.build([(a, 0), (b, 0)], 64, stacks_for=stacks_for).stacked is None  # prefill-sized
+        assert BatchContext.build([(a, 0), (b, 0)], 1, stacks_for=stacks_for).stacked is not None
+    assert BatchContext.build([(a, 0), (b, 0)], 1, stacks_for=stacks_for).stacked is None  # grad enabled
+
+
+def test_padded_rows_layout():
+    plan = PaddedRows.build([torch.tensor([4, 0]), torch.tensor([2]), torch.tensor([1, 3, 5])], "cpu")
+    assert (plan.groups, plan.width) == (3, 3)
+    assert plan.gather.tolist() == [4, 0, 0, 2, 0, 0, 1, 3, 5]
+    assert plan.valid.tolist() == [0, 1, 3, 6, 7, 8]
+    assert plan.rows.tolist() == [4, 0, 2, 1, 3, 5]
