@@ -1,0 +1,179 @@
+"""One engine step as the forward sees it: a packed batch of new tokens and where their K/V live.
+
+Rows are the new tokens of every sequence, concatenated (no padding). Two kinds of sequence share a step:
+- decodes: one new token each, their slots are exactly 0..n-1 (SlotTable keeps running sequences packed),
+  so all of them attend together through the view `cache.k[layer][:n, :, :L]`;
+- segments: several new tokens of one sequence (a prompt, or a chunk of one after `past` cached tokens),
+  each attending to its own slot.
+The engine chooses the row order (rows grouped by adapter, so that every adapter group is one slice);
+`decode_rows` maps slot order to row order when the two differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from ..kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class SeqRun:
+    """The new tokens of one sequence in a step (engine -> `build_step`)."""
+
+    tokens: Sequence[int]
+    slot: int
+    past: int  # tokens of this sequence already in its slot
+    decode: bool  # True: one token of a running sequence (its slot is < the number of decodes)
+
+
+@dataclass(frozen=True)
+class Segment:
+    row: int  # first row of the run
+    length: int
+    slot: int
+    past: int
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long
+    num_decode: int
+    decode_rows: torch.Tensor | None  # [n] row of slot s's token; None: slot s is row s
+    decode_pos: torch.Tensor | None  # [n] position written for slot s (= kv length - 1)
+    decode_lens: list[int]  # [n] kv length of slot s after this step (host copy)
+    segments: list[Segment]
+    logits_rows: torch.Tensor  # [B] the row whose logits each sequence needs, in run order
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """[n, 1, 1, L] bool (True = attend) for the decode view, or None when every key is visible."""
+        key = window
+        if key not in self._masks:
+            lens = self.decode_lens
+            longest = max(lens)
+            if min(lens) == longest and (window is None or longest <= window):
+                self._masks[key] = None
+            else:
+                device = self.input_ids.device
+                cols = torch.arange(longest, device=device)[None, :]  # [1, L]
+                kv = (self.decode_pos + 1)[:, None]  # [n, 1], already on the device
+                mask = cols < kv
+                if window is not None:
+                    mask &= cols >= kv - window
+                self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+
+def build_step(runs: Sequence[SeqRun], device: torch.device | str) -> StepInput:
+    """Pack `runs` (in row order) into a StepInput on `device`; each run needs the logits of its last token."""
+    ids: list[int] = []
+    positions: list[int] = []
+    decode_by_slot: dict[int, tuple[int, int]] = {}  # slot -> (row, position)
+    segments: list[Segment] = []
+    last_rows: list[int] = []
+    for run in runs:
+        row, length = len(ids), len(run.tokens)
+        if length == 0:
+            raise ValueError("a sequence in a step needs at least one new token")
+        ids.extend(run.tokens)
+        positions.extend(range(run.past, run.past + length))
+        if run.decode:
+            if length != 1:
+                raise ValueError("a decode run has exactly one token")
+            decode_by_slot[run.slot] = (row, run.past)
+        else:
+            segments.append(Segment(row, length, run.slot, run.past))
+        last_rows.append(row + length - 1)
+    n = len(decode_by_slot)
+    if sorted(decode_by_slot) != list(range(n)):
+        raise ValueError(f"decode slots must be 0..{n - 1}, got {sorted(decode_by_slot)}")
+    rows = [decode_by_slot[s][0] for s in range(n)]
+    pos = [decode_by_slot[s][1] for s in range(n)]
+    return StepInput(
+        input_ids=device_tensor(ids, device),
+        positions=device_tensor(positions, device),
+        num_decode=n,
+        decode_rows=None if rows == list(range(n)) else device_tensor(rows, device),
+        decode_pos=device_tensor(pos, device) if n else None,
+        decode_lens=[p + 1 for p in pos],
+        segments=segments,
+        logits_rows=device_tensor(last_rows, device),
+    )
+
+
+def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host list as a tensor on `device`. On CUDA it goes through pinned memory, so that the copy is
+    asynchronous: a copy from pageable memory would wait for the GPU to finish its queued work."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           scale: float, window: int | None = None) -> torch.Tensor:
+    """Write this step's K/V into the cache and attend. q [N, H, d], k/v [N, KV, d] -> [N, H, d].
+
+    window: sliding-window attention (a key at position j is visible from position i iff i - window < j <= i).
+    """
+    kc, vc = cache.k[layer], cache.v[layer]  # [slots, KV, S, d]
+    out = torch.empty_like(q)
+    n = step.num_decode
+    if n:
+        rows = step.decode_rows
+        qd, kd, vd = (q[:n], k[:n], v[:n]) if rows is None else (q[rows], k[rows], v[rows])  # slot order
+        slots = torch.arange(n, device=q.device)
+        kc[slots, :, step.decode_pos] = kd  # [n, KV, d] written at each slot's own position
+        vc[slots, :, step.decode_pos] = vd
+        length = max(step.decode_lens)
+        # grouped-query attention without expanding K/V: the G = H / KV query heads that share a KV head
+        # take the place of the query-length dimension (one new token each, so no causal mask is needed)
+        kv_heads = kc.shape[1]
+        o = F.scaled_dot_product_attention(
+            qd.reshape(n, kv_heads, -1, qd.shape[-1]),  # [n, KV, G, d]
+            kc[:n, :, :length], vc[:n, :, :length],  # [n, KV, L, d]
+            attn_mask=step.decode_mask(window), scale=scale,
+        ).reshape(qd.shape)  # [n, H, d]
+        if rows is None:
+            out[:n] = o
+        else:
+            out[rows] = o
+    for seg in step.segments:
+        r = slice(seg.row, seg.row + seg.length)
+        end = seg.past + seg.length
+        kt, vt = k[r].transpose(0, 1), v[r].transpose(0, 1)  # [KV, T, d]
+        kc[seg.slot, :, seg.past:end] = kt
+        vc[seg.slot, :, seg.past:end] = vt
+        if seg.past == 0:
+            keys, values = kt[None], vt[None]  # [1, KV, T, d]: no need to read back what was just written
+        else:
+            keys, values = kc[seg.slot, :, :end][None], vc[seg.slot, :, :end][None]
+        mask = _segment_mask(seg, window, q.device)
+        o = F.scaled_dot_product_attention(
+            q[r].transpose(0, 1)[None], keys, values,  # [1, H, T, d]
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+        )  # [1, H, T, d]
+        out[r] = o[0].transpose(0, 1)
+    return out
+
+
+def _segment_mask(seg: Segment, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[T, past+T] bool for a run after `past` cached tokens; None when plain causal attention does it."""
+    end = seg.past + seg.length
+    if seg.past == 0 and (window is None or seg.length <= window):
+        return None
+    qpos = torch.arange(seg.past, end, device=device)[:, None]  # [T, 1]
+    kpos = torch.arange(end, device=device)[None, :]  # [1, past+T]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
