@@ -564,3 +564,28 @@ def test_load_base_errors_say_what_is_wrong(tmp_path):
 def test_bad_engine_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
+
+
+def test_real_manager_unload_mid_request_lets_it_finish(world, sequential):
+    manager_module = pytest.importorskip("loraplex.server.manager")
+    for name, adapter in world.adapters.items():
+        adapter.save(world.tmp / "real4" / name)
+    manager = manager_module.AdapterManager(world.adapted, world.tmp / "real4")
+    steps = []
+
+    def on_step(record):  # unload lo1 from the engine thread while its request runs: deterministic
+        steps.append(record)
+        if len(steps) == 3:
+            manager.unload("lo1")
+
+    observer = SimpleNamespace(step=on_step, request_finished=lambda r: None)
+    try:
+        manager.load_all(strict=True)
+        with engine(world, manager, observer=observer) as eng:
+            in_flight = eng.generate(*REQUESTS[1], GREEDY, timeout=WAIT)
+            with pytest.raises(UnknownTaskError):
+                eng.submit("lo1", "ok", GREEDY)
+    finally:
+        manager.close()
+    assert REQUESTS[1][0] == "lo1"
+    assert in_flight.token_ids == sequential[1].token_ids  # finished on the adapter it started with
