@@ -249,8 +249,11 @@ class Engine:
     # ------------------------------------------------------------------ validation
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            with self._tokenizer_lock:
-                ids = list(self.tokenizer(prompt)["input_ids"])
+            try:
+                with self._tokenizer_lock:
+                    ids = list(self.tokenizer(prompt)["input_ids"])
+            except Exception as exc:  # the tokenizer refuses the text: the request's fault, not the server's
+                raise InvalidRequestError(f"prompt cannot be tokenized: {type(exc).__name__}") from exc
         else:
             ids = list(prompt)
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

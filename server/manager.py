@@ -83,6 +83,7 @@ class AdapterInfo:
     num_parameters: int
     residency: str  # "disk" | "host" | "device"
     pinned: bool = False
+    nbytes: int = 0  # bytes of the adapter's weights as stored
 
 
 @dataclass(eq=False)
@@ -96,6 +97,7 @@ class _Entry:
     tasks: list[str]
     rank: int
     num_parameters: int
+    nbytes: int
     routes: dict[str, TaskRoute]
     host: Adapter | None = None
     bound: BoundAdapter | None = None
@@ -266,7 +268,8 @@ class AdapterManager:
                 self._retire_locked(old, garbage)
             entry = _Entry(name, directory, fingerprint, adapter.adapter_type,
                            list(adapter.tasks) if adapter.multi_task else [name], adapter.rank,
-                           adapter.num_parameters(), routes, pinned=old is not None and old.pinned)
+                           adapter.num_parameters(), adapter.nbytes(), routes,
+                           pinned=old is not None and old.pinned)
             self._entries[name] = entry
             self._tasks.add(routes)
             self._add_host_locked(entry, adapter, events, garbage)
@@ -396,7 +399,7 @@ class AdapterManager:
 
     def _info_locked(self, entry: _Entry) -> AdapterInfo:
         return AdapterInfo(entry.name, entry.adapter_type, list(entry.tasks), entry.rank, entry.num_parameters,
-                           entry.residency, entry.pinned)
+                           entry.residency, entry.pinned, entry.nbytes)
 
     def _lease_locked(self, entry: _Entry) -> Lease:
         assert entry.bound is not None

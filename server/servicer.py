@@ -122,7 +122,7 @@ def sampling_params(params: pb.GenerationParams) -> SamplingParams:
 def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
     return pb.AdapterInfo(name=info.name, adapter_type=info.adapter_type, tasks=info.tasks, rank=info.rank,
                           num_parameters=info.num_parameters, residency=info.residency,
-                          nbytes=getattr(info, "nbytes", 0))
+                          nbytes=info.nbytes)
 
 
 class _RequestRecord:

@@ -109,6 +109,7 @@ def test_load_residency_and_host_lru(adapted, root):
         info = m.load("a", "a")
         assert (info.name, info.adapter_type, info.tasks, info.rank) == ("a", "lora", ["a"], 4)
         assert info.num_parameters > 0 and info.residency == "device"  # a free slot: promoted
+        assert info.nbytes == 4 * info.num_parameters  # fp32 weights, as stored
         assert m.load("b", "b").residency == "host"  # loading never evicts from the device
         m.load("c", "c")  # host tier: a (on device) + b + c > 2 -> b, least recently used, leaves
         assert residency(m) == {"a": "device", "b": "disk", "c": "host"}
