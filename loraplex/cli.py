@@ -16,6 +16,8 @@ from . import __version__
 
 SUBCOMMANDS: tuple[str, ...] = (
     "loraplex.server.app",  # serve
+    "loraplex.trainer.cli",  # train
+    "loraplex.demo",  # demo
 )
 
 
