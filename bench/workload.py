@@ -62,7 +62,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: list[str], warm: list[str],
-               ids: list[list[int]], new: int, device_capacity: int) -> dict:
+               ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "batch") -> dict:
     """Submit every request at once; throughput = generated tokens / (last finish - first submit)."""
     collector = Collector()
     host = max(device_capacity, 64)
@@ -71,7 +71,8 @@ def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: li
             manager.load(name, name)
         for name in warm:
             manager.wait_resident(name, timeout=60)
-        config = EngineConfig(max_slots=64, max_seq_len=len(ids[0]) + new + 8, observer=collector)
+        config = EngineConfig(max_slots=64, max_seq_len=len(ids[0]) + new + 8, observer=collector,
+                              merge_mode=merge_mode)
         with Engine(adapted, tokenizer, manager, config) as engine:
             engine.generate(task_ids[0], ids[0][:8], SamplingParams(max_new_tokens=2, ignore_eos=True))
             collector.records.clear()
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--merge-modes", default="batch", help="engine merge modes to run each scenario with, "
+                    "e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     scenarios = [s for s in a.scenarios.split(",") if s]
@@ -137,8 +140,11 @@ def main() -> None:
             continue
         ids = prompts(a.requests, a.prompt_len, vocab)
         tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
-        emit({"system": "loraplex", "scenario": scenario,
-              **run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new, device_capacity=max(k, 1))})
+        for mode in a.merge_modes.split(","):
+            label = scenario if mode == "batch" else f"{scenario} ({mode})"
+            emit({"system": "loraplex", "scenario": label,
+                  **run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
+                               device_capacity=max(k, 1), merge_mode=mode)})
     emit({"system": "loraplex", "scenario": "cold_load", **cold_load(adapted, adapter_dir, names[:20])})
     del adapted, model
     ids = prompts(a.requests, a.prompt_len, vocab)
