@@ -2,7 +2,7 @@
 """Train the embedded default base model (loraplex/default_model/) from scratch, offline, on a CPU.
 
     python scripts/train_default_model.py                 # writes loraplex/default_model/
-    python scripts/train_default_model.py --out /tmp/dm --steps 500   # a quick, weaker one elsewhere
+    python scripts/train_default_model.py --out /tmp/dm --steps 500 --min-accuracy 0   # a quick, weaker one
 
 The model is the small character-level Llama of `loraplex.default_model` (architecture and byte-level
 tokenizer are defined there). It is pretrained on *instructed* string operations, `reverse spam=maps`,
@@ -30,12 +30,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-from loraplex.default_model import DEFAULT_MODEL_DIR, EOS_ID, PAD_ID, build_config, build_tokenizer  # noqa: E402
-from loraplex.demo_tasks import BASE_ONLY_TASKS, TASKS, instructed_prompt_for, prompt_for, random_strings  # noqa: E402
+from loraplex.default_model import DEFAULT_MODEL_DIR, EOS_ID, PAD_ID, build_config, build_tokenizer
+from loraplex.demo_tasks import BASE_ONLY_TASKS, TASKS, instructed_prompt_for, prompt_for, random_strings
 
 SKILLS = {**TASKS, **BASE_ONLY_TASKS}
 UNTAGGED = "untagged"  # a prompt that names no task (`spam=`): the base model echoes the string

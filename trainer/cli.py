@@ -1,7 +1,7 @@
 """`loraplex train`: the command line over `loraplex.trainer.train`.
 
-Wiring (in loraplex/cli.py):  `from loraplex.trainer import cli as train_cli; train_cli.add_parser(sub)`,
-and dispatch `train` to `train_cli.run(args)`, which returns the exit status.
+loraplex/cli.py registers `add_parser` and dispatches `train` to `run(args)`, which returns the exit status.
+`python -m loraplex.trainer.cli train ...` runs it alone (what `accelerate launch -m` needs).
 """
 
 from __future__ import annotations
@@ -103,8 +103,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; print the held-out table. 0 on success, 2 on a usage/data error, 1 on another failure."""
+    """Train; print where the adapters went and the held-out table. 0 on success, 2 on bad options, data,
+    adapters or base model (one line on stderr); anything else propagates with its traceback."""
     from loraplex.adapters import AdapterError
+    from loraplex.server.loader import ModelLoadError
 
     from .data import DataError
     from .evaluate import format_table
@@ -114,12 +116,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         cfg.check()
         result = train(cfg)
-    except (DataError, ValueError, AdapterError, FileNotFoundError) as exc:
-        print(f"loraplex train: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. ModelLoadError: say it in one line, not a traceback
-        if type(exc).__name__ != "ModelLoadError":
-            raise
+    except (DataError, ValueError, AdapterError, FileNotFoundError, ModelLoadError) as exc:
         print(f"loraplex train: error: {exc}", file=sys.stderr)
         return 2
     for name, path in result.paths.items():
@@ -132,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m loraplex.trainer.cli train ...` (until loraplex/cli.py wires `train`)."""
+    """`python -m loraplex.trainer.cli train ...`: the same command without the other subcommands."""
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
