@@ -63,9 +63,10 @@ class Adapter(ABC):
     def from_files(cls, name: str, config: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> "Adapter":
         """Validate a parsed config and its tensors; raise AdapterError subclasses on anything wrong."""
 
-    @abstractmethod
     def config_dict(self) -> dict[str, Any]:
-        """The JSON config that rebuilds this adapter without outside knowledge."""
+        """The JSON config that rebuilds this adapter without outside knowledge (every family keeps its typed
+        config in `self.config`, with a `to_dict`)."""
+        return self.config.to_dict()
 
     @property
     @abstractmethod

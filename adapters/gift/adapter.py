@@ -81,8 +81,6 @@ class GiftAdapter(Adapter):
             tensors[tensor_key(key, "psi")] = torch.zeros(rank, d_in[key])  # [r, d_in]
         return cls(name, config, tensors)
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     @property
     def rank(self) -> int:

@@ -37,8 +37,6 @@ class HybridAdapter(Adapter):
     def from_files(cls, name: str, config: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> "HybridAdapter":
         return cls(name, HybridConfig.from_dict(config, name), tensors)
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     @property
     def rank(self) -> int:

@@ -92,8 +92,6 @@ class LoraAdapter(Adapter):
         }
         return cls(name, LoraConfig.from_dict(config, name), tensors)
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     @property
     def rank(self) -> int:

@@ -118,8 +118,6 @@ class LoraTRFAdapter(Adapter):
             tensors[tensor_key(module, "filter_bias")] = torch.full((rank,), float(filter_bias_init))
         return cls(name, config, tensors)
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     @property
     def rank(self) -> int:

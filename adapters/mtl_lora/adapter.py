@@ -106,8 +106,6 @@ class MtlLoraAdapter(Adapter):
             tensors[tensor_key(module, "lora_omega")] = kaiming_uniform((num_tasks, num_b), gen)  # [T, n]
         return cls(name, config, tensors)
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     @property
     def rank(self) -> int:

@@ -116,8 +116,6 @@ class RLoraAdapter(Adapter):
                 tensors[tensor_key(module, "offset_B")] = b.sum(0) * (-config.scaling / num_heads)  # [d_out, r]
         return cls(name, config, tensors)
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     @property
     def rank(self) -> int:
