@@ -12,7 +12,6 @@ import ipaddress
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,12 +22,12 @@ import pytest
 import torch
 from families import make_adapter
 from prometheus_client.parser import text_string_to_metric_families
-from tiny import ARCHITECTURES, tiny_model
+from servers import WAIT, options, peaky_lm, start, wait_until
+from tiny import tiny_model
 from tokenizer import build_tokenizer
-from transformers import AutoModelForCausalLM
 
 from loraplex.adapters import AdaptedModel
-from loraplex.server.app import BackgroundServer, LoraplexServer, ServeOptions
+from loraplex.server.app import BackgroundServer, LoraplexServer
 from loraplex.server.auth import AUTH_ENV, token_from
 from loraplex.server.engine import Engine, EngineConfig
 from loraplex.server.manager import AdapterManager
@@ -51,34 +50,11 @@ from loraplex_client import (
 from loraplex_client.errors import from_rpc_error
 from loraplex_client.pb import loraplex_pb2 as pb
 
-WAIT = 30.0  # seconds: the bound on every wait in this file
 LONG = 1000  # tokens: a request that runs for about a second or more on the tiny model
 STEADY = [  # (task id, prompt): the base model, two LoRAs, an MTL-LoRA through each form of its task ids
     ("", "the model"), ("lo1", "café 日本"), ("alpha", "ok ok a b"), ("lo2", "the task"),
     ("mt/beta", "query answer rank"), ("lo1", "token batch rank end"), ("gamma", "end"), ("", "b a"),
 ]
-
-
-def peaky_lm() -> torch.nn.Module:
-    """tokenizer.lm's llama (same seed, same weights) with a 1024-token context, so that requests can be long."""
-    torch.manual_seed(0)
-    config = ARCHITECTURES["llama"]()
-    config.vocab_size = len(build_tokenizer())
-    config.max_position_embeddings = 1024
-    config.eos_token_id, config.bos_token_id, config.pad_token_id = 1, 0, 2
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)  # greedy choices far from ties
-    return model
-
-
-def options(**overrides) -> ServeOptions:
-    base = dict(port=0, metrics_port=None, max_seq_len=1024, max_batch_size=16, shutdown_grace=5.0)
-    return ServeOptions(**{**base, **overrides})
-
-
-def start(opts: ServeOptions) -> BackgroundServer:
-    return BackgroundServer(opts, model=peaky_lm(), tokenizer=build_tokenizer(), model_name="tiny-llama").start(WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +140,6 @@ def scrape(bg: BackgroundServer) -> dict[tuple[str, tuple], float]:
 
 def metric(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def still_serves(client: Client) -> None:

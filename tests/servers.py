@@ -1,0 +1,46 @@
+"""Real servers for tests: a tiny peaky Llama served over gRPC on localhost by `BackgroundServer`, port 0."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tiny import ARCHITECTURES
+from tokenizer import build_tokenizer
+from transformers import AutoModelForCausalLM
+
+from loraplex.server.app import BackgroundServer, ServeOptions
+
+WAIT = 30.0  # seconds: the bound on every wait in the server tests
+
+
+def peaky_lm() -> torch.nn.Module:
+    """tokenizer.lm's llama (same seed, same weights) with a 1024-token context, so that requests can be long."""
+    torch.manual_seed(0)
+    config = ARCHITECTURES["llama"]()
+    config.vocab_size = len(build_tokenizer())
+    config.max_position_embeddings = 1024
+    config.eos_token_id, config.bos_token_id, config.pad_token_id = 1, 0, 2
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)  # greedy choices far from ties
+    return model
+
+
+def options(**overrides) -> ServeOptions:
+    """Test defaults: any free port, no metrics port, 1024-token sequences, 16 running, 5 s drain."""
+    base = dict(port=0, metrics_port=None, max_seq_len=1024, max_batch_size=16, shutdown_grace=5.0)
+    return ServeOptions(**{**base, **overrides})
+
+
+def start(opts: ServeOptions) -> BackgroundServer:
+    """A started (SERVING) server of `peaky_lm` with the test tokenizer."""
+    return BackgroundServer(opts, model=peaky_lm(), tokenizer=build_tokenizer(), model_name="tiny-llama").start(WAIT)
+
+
+def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
