@@ -18,6 +18,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "loraplex.server.app",  # serve
     "loraplex.trainer.cli",  # train
     "loraplex.demo",  # demo
+    "loraplex.health",  # health
 )
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from ..envflags import apply_env_defaults, env_errors
 from .auth import AuthInterceptor, token_from
 
 if TYPE_CHECKING:
@@ -443,7 +444,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--auth-token", metavar="TOKEN", help="require 'authorization: Bearer TOKEN' on every RPC but "
-                   "health checks (default: $LORAPLEX_AUTH_TOKEN; unset: no auth)")
+                   "health checks (default: none, no auth)")
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests, metavar="N",
@@ -473,6 +474,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    apply_env_defaults(p)
     return p
 
 
@@ -488,6 +490,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if env_errors(args):
+            raise ValueError("; ".join(env_errors(args)))
         options = options_from_args(args)
         options.check()
         token_from(options.auth_token)

@@ -13,9 +13,10 @@ import threading
 import time
 
 import pytest
-import torch
+from servers import options, start
 
-from loraplex.cli import main
+from loraplex.cli import build_parser, main
+from loraplex.server.app import options_from_args
 from loraplex.server.default_model import load_default
 from loraplex_client import Client
 
@@ -29,11 +30,12 @@ def _lines(stream, out: queue.Queue) -> None:
     out.put(None)
 
 
-def test_serve_subprocess_ready_generate_and_sigterm_drain():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("LORAPLEX_AUTH_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--port", "0", "--metrics-port", "0",
-                             "--device", "cpu", "--shutdown-grace", "30"],
+def test_serve_subprocess_ready_generate_and_sigterm_drain(capsys):
+    """Configured as a container configures it: through LORAPLEX_* variables, a flag overriding one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env.update(PYTHONUNBUFFERED="1", LORAPLEX_PORT="0", LORAPLEX_METRICS_PORT="0", LORAPLEX_DEVICE="cpu",
+               LORAPLEX_SHUTDOWN_GRACE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--shutdown-grace", "30"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
@@ -49,8 +51,8 @@ def test_serve_subprocess_ready_generate_and_sigterm_drain():
         address = match.group(1)
         assert not address.endswith(":0") and any("serving " in line and "default model" in line for line in log)
         assert sum("loraplex ready" in line for line in log) == 1
+        assert main(["health", "--address", address]) == 0 and "SERVING" in capsys.readouterr().out
         with Client(address, timeout=WAIT) as client:
-            assert client.health()
             assert client.generate("", "The film was", max_new_tokens=4, ignore_eos=True).generated_tokens == 4
             stream = client.generate_stream("", "The film was", max_new_tokens=200, ignore_eos=True)
             chunks = [next(stream)]  # in flight
@@ -76,6 +78,62 @@ def test_serve_subprocess_ready_generate_and_sigterm_drain():
 def test_serve_refuses_bad_flags(argv, words, caplog):
     assert main(argv) == 2
     assert words in caplog.text
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("LORAPLEX_PORT", "abc", "$LORAPLEX_PORT='abc' is not a valid --port: expected int"),
+    ("LORAPLEX_DEVICE", "tpu", "$LORAPLEX_DEVICE='tpu' is not a valid --device: expected one of auto, cpu, cuda"),
+    ("LORAPLEX_MAX_BATCH_SIZE", "0", "--max-batch-size must be at least 1"),
+])
+def test_serve_refuses_bad_variables(monkeypatch, caplog, variable, value, words):
+    monkeypatch.setenv(variable, value)
+    assert main(["serve"]) == 2
+    assert words in caplog.text
+
+
+def test_variables_are_defaults_that_flags_override(monkeypatch):
+    for name, value in {"LORAPLEX_MAX_BATCH_SIZE": "7", "LORAPLEX_MERGE_MODE": "auto", "LORAPLEX_METRICS_PORT": "-1",
+                        "LORAPLEX_KV_CACHE_GIB": "0.5", "LORAPLEX_HOST_ADAPTERS": ""}.items():
+        monkeypatch.setenv(name, value)
+    options = options_from_args(build_parser().parse_args(["serve"]))
+    assert (options.max_batch_size, options.merge_mode, options.metrics_port, options.kv_cache_gib) == (7, "auto", None, 0.5)
+    assert options.host_adapters is None  # empty: unset
+    flagged = options_from_args(build_parser().parse_args(["serve", "--max-batch-size", "3"]))
+    assert flagged.max_batch_size == 3 and flagged.merge_mode == "auto"
+
+
+def test_every_serve_flag_names_its_variable(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    flags = re.findall(r"(?<![\w-])--([a-z][a-z-]+)", text)
+    assert len(set(flags)) > 20
+    for flag in set(flags) - {"help"}:
+        assert f"$LORAPLEX_{flag.upper().replace('-', '_')}" in text, flag
+
+
+def test_health_answers_by_exit_status(capsys, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_AUTH_TOKEN", "s3cret")  # health needs no token
+    server = start(options(auth_token="s3cret"))
+    try:
+        assert main(["health", "--address", server.address, "--timeout", "5"]) == 0
+        assert capsys.readouterr().out.strip() == f"{server.address}: SERVING"
+    finally:
+        server.stop(grace=1.0)
+    assert main(["health", "--address", server.address, "--timeout", "1"]) == 1
+    assert "unreachable (UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_health_does_not_import_torch():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, *args):\n"
+            "        if name.split('.')[0] in ('torch', 'transformers'): raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from loraplex.cli import main\n"
+            "sys.exit(main(['health', '--address', '127.0.0.1:9', '--timeout', '0.5']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 1 and "127.0.0.1:9: unreachable" in result.stderr, result.stderr
 
 
 def test_cli_needs_a_subcommand(capsys):
