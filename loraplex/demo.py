@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="training steps per adapter (default: 300 for the "
                    "two-task mtl_lora adapter, 100 for each lora)")
     p.add_argument("--concurrency", type=int, default=32, help="client calls in flight at once (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the sampling order")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 

@@ -267,6 +267,9 @@ class LoraplexServer:
                               default_max_new_tokens=o.default_max_new_tokens, max_prefill_tokens=o.max_prefill_tokens,
                               merge_mode=o.merge_mode, observer=self._bridge)
         self.engine = self._bridge.engine = Engine(adapted, tokenizer, self.manager, config)
+        cache = self.engine.cache
+        log.info("%d sequences run at once (--max-batch-size %d; KV cache %.0f MiB for --max-seq-len %d)",
+                 cache.num_slots, o.max_batch_size, cache.nbytes / (1 << 20), self.engine.max_seq_len)
         self.engine.start()
         self.engine.generate("", "warm up", SamplingParams(max_new_tokens=2, ignore_eos=True), timeout=WARMUP_TIMEOUT_S)
         self._bridge.refresh(self.engine)
@@ -440,7 +443,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (default %(default)s; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="Prometheus /metrics HTTP port (default %(default)s; 0 picks a free one; -1 disables)")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+                   help="compute device of the model and adapters (auto: cuda when present)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--auth-token", metavar="TOKEN", help="require 'authorization: Bearer TOKEN' on every RPC but "
@@ -473,7 +477,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log to stderr at this level and above")
     apply_env_defaults(p)
     return p
 

@@ -34,8 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     d = TrainConfig(method="lora")
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", required=True, choices=METHODS)
-    g.add_argument("--data", required=True, metavar="TRAIN.jsonl")
+    g.add_argument("--method", required=True, choices=METHODS, help="adapter family to train")
+    g.add_argument("--data", required=True, metavar="TRAIN.jsonl",
+                   help='training data: one {"task", "prompt", "completion"} object per line')
     g.add_argument("--out", required=True, metavar="DIR", help="adapter directories are written under DIR")
     g.add_argument("--base-model", default=None, metavar="PATH_OR_HUB_ID",
                    help="base model (default: the embedded default model, no network)")
@@ -43,11 +44,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-data", default=None, metavar="EVAL.jsonl", help="held-out data (else --eval-fraction of each task)")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="share of each task held out (0: none)")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="prompts per evaluation batch")
     g.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens,
                    help="greedy generation limit (0: reference length + 4)")
     g = p.add_argument_group("adapter")
-    g.add_argument("--rank", "-r", type=int, default=d.rank)
+    g.add_argument("--rank", "-r", type=int, default=d.rank, help="adapter rank r")
     g.add_argument("--alpha", type=float, default=None, help="scaling numerator (default 2 * rank)")
     g.add_argument("--target-modules", default=d.target_modules,
                    help="comma-separated module types (q_proj,v_proj) or all-linear (default)")
@@ -57,23 +58,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: 5e-3 on the embedded default model, else 2e-4)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over each task's training rows")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="steps per adapter; overrides --epochs when > 0")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per task per step (a multi-task adapter's step mixes batch-size x tasks)")
-    g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="learning-rate schedule after warm-up")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0: no clipping")
     g.add_argument("--max-length", type=int, default=d.max_length, help="longest sequence in tokens (0: the model's)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, shuffling and dropout")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="auto: cuda when present")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype,
                    help="base model dtype (adapters train in float32)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = p.add_argument_group("mtl_lora")
     g.add_argument("--num-b", type=int, default=d.num_b, help="number of shared up-projections B_i")
     g.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the B mixture")
-    g.add_argument("--lambda-format", choices=["full", "diagonal"], default=d.lambda_format)
+    g.add_argument("--lambda-format", choices=["full", "diagonal"], default=d.lambda_format,
+                   help="per-task r x r transform: a full matrix or its diagonal")
     g = p.add_argument_group("r_lora")
     g.add_argument("--heads", type=int, default=d.heads, help="number of B heads")
     g.add_argument("--init-gamma", type=float, default=d.init_gamma, help="gamma of the random multi-head init")
@@ -82,13 +84,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("gift")
     g.add_argument("--share-projections", action="store_true", help="one (phi, psi) for every target module")
     g = p.add_argument_group("loratrf")
-    g.add_argument("--filter-bias-init", type=float, default=d.filter_bias_init)
+    g.add_argument("--filter-bias-init", type=float, default=d.filter_bias_init,
+                   help="initial bias of the task filter gate (large: the filter starts open)")
     g = p.add_argument_group("hybrid")
     g.add_argument("--sources", default=None, metavar="DIR",
                    help="fuse the LoRA adapters under DIR instead of training one per task first")
-    g.add_argument("--attention-dim", type=int, default=d.attention_dim)
-    g.add_argument("--fusion-temperature", type=float, default=d.fusion_temperature)
-    g.add_argument("--fusion-dropout", type=float, default=d.fusion_dropout)
+    g.add_argument("--attention-dim", type=int, default=d.attention_dim, help="width of the fusion attention's query/key")
+    g.add_argument("--fusion-temperature", type=float, default=d.fusion_temperature,
+                   help="softmax temperature of the fusion attention")
+    g.add_argument("--fusion-dropout", type=float, default=d.fusion_dropout,
+                   help="dropout on the fusion attention scores (training only)")
     g.add_argument("--fusion-lr", type=float, default=None, help="stage-2 learning rate (default: --lr)")
     g.add_argument("--fusion-epochs", type=float, default=None, help="stage-2 epochs (default: --epochs)")
     g.add_argument("--fusion-max-steps", type=int, default=None, help="stage-2 steps (default: --max-steps)")
