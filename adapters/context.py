@@ -88,7 +88,7 @@ class BatchContext:
             RowGroup(owners[key], key[1], _rows(ranges, device), sum(e - s for s, e in ranges))
             for key, ranges in spans.items()
         ]
-        stacked = _stack(groups, stacks_for, device) if stacks_for is not None else None
+        stacked = _stack(groups, stacks_for, device, start) if stacks_for is not None else None
         if stacked is not None:
             groups = [g for g in groups if not _stackable(g)]
         return BatchContext(start, tuple(groups), tuple(assignments), stacked)
@@ -98,13 +98,15 @@ def _stackable(group: RowGroup) -> bool:
     return group.adapter.stackable and not group.adapter.dropout
 
 
-def _stack(groups: list[RowGroup], stacks_for: StacksFor, device: torch.device | str) -> StackedGroups | None:
+def _stack(groups: list[RowGroup], stacks_for: StacksFor, device: torch.device | str,
+           num_rows: int) -> StackedGroups | None:
     """Stack the low-rank groups when there are several and they are small (decode steps); inference only."""
     chosen = [g for g in groups if _stackable(g)]
     if len(chosen) < 2 or torch.is_grad_enabled() or sum(g.num_rows for g in chosen) > MAX_MEAN_ROWS * len(chosen):
         return None
     rows = [torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu() for g in chosen]
-    return StackedGroups(stacks_for(tuple((g.adapter, g.task) for g in chosen)), PaddedRows.build(rows, device))
+    return StackedGroups(stacks_for(tuple((g.adapter, g.task) for g in chosen)),
+                         PaddedRows.build(rows, device, num_rows))
 
 
 def _rows(ranges: list[tuple[int, int]], device: torch.device | str) -> Rows:

@@ -7,6 +7,10 @@ zero-padded to the largest rank (exact: zero columns add nothing). Rows are laid
 [G, m, d_in], and two `bmm`s serve every group at once. The stacks depend only on which (adapter, task)
 pairs are in the batch, so they are cached by that composition across steps. The per-group loop in
 `AdaptedLinear` is the reference this path is tested against.
+
+On CUDA with triton importable, `add_grouped_delta` instead runs the BGMV kernels of `kernels/` over the
+rows in place, indexed by each row's group (`PaddedRows.index`): no padded copy of the rows. Elsewhere it
+runs the two `bmm`s above, unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import kernels
+
 if TYPE_CHECKING:
     from .base import BoundAdapter
 
@@ -24,16 +30,19 @@ MAX_MEAN_ROWS = 16  # above this many rows per group (prefill), a per-group loop
 
 @dataclass(frozen=True)
 class PaddedRows:
-    """Where each group's rows sit in the padded [G, m] layout of one step."""
+    """Where each group's rows sit in one step: the padded [G, m] layout (bmm path) and, for the kernels,
+    each row's group."""
 
     gather: torch.Tensor  # [G*m] the row read at each padded position (row 0 where padding)
     valid: torch.Tensor  # [V] the padded positions that hold a real row
     rows: torch.Tensor  # [V] the row each valid position writes back to
     groups: int
     width: int  # m
+    index: torch.Tensor  # [num_rows] int32: the group of each row, -1 where none (the kernels' layout)
 
     @staticmethod
-    def build(group_rows: list[torch.Tensor], device: torch.device | str) -> "PaddedRows":
+    def build(group_rows: list[torch.Tensor], device: torch.device | str, num_rows: int | None = None) -> "PaddedRows":
+        """num_rows: rows of the step (default: up to the last grouped row)."""
         width = max(len(r) for r in group_rows)
         gather = torch.zeros(len(group_rows), width, dtype=torch.long)
         valid, rows = [], []
@@ -41,8 +50,11 @@ class PaddedRows:
             gather[g, : len(r)] = r
             valid.append(torch.arange(len(r)) + g * width)
             rows.append(r)
-        return PaddedRows(gather.reshape(-1).to(device), torch.cat(valid).to(device), torch.cat(rows).to(device),
-                          len(group_rows), width)
+        all_rows = torch.cat(rows)
+        index = torch.full((int(all_rows.max()) + 1 if num_rows is None else num_rows,), -1, dtype=torch.int32)
+        index[all_rows] = torch.cat([torch.full((len(r),), g, dtype=torch.int32) for g, r in enumerate(group_rows)])
+        return PaddedRows(gather.reshape(-1).to(device), torch.cat(valid).to(device), all_rows.to(device),
+                          len(group_rows), width, index.to(device))
 
 
 class LowRankStacks:
@@ -84,3 +96,13 @@ def grouped_delta(x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], pl
     u = torch.bmm(xp, a_stack.transpose(1, 2))  # [G, m, r]
     y = torch.bmm(u, b_stack.transpose(1, 2))  # [G, m, d_out]
     return y.view(-1, y.shape[-1]).index_select(0, plan.valid)  # [V, d_out]
+
+
+def add_grouped_delta(out: torch.Tensor, x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor],
+                      plan: PaddedRows) -> None:
+    """out [n, d_out] += the delta of every stacked group, in place: Triton kernels on CUDA when triton is
+    importable, else `grouped_delta`'s two padded `bmm`s."""
+    if kernels.uses_triton(x):
+        kernels.lowrank_delta(x, plan.index, stacks[0], stacks[1], out)
+    else:
+        out.index_add_(0, plan.rows, grouped_delta(x, stacks, plan).to(out.dtype))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .grouped import grouped_delta
+from .grouped import add_grouped_delta
 
 if TYPE_CHECKING:
     from .context import BatchContext
@@ -81,7 +81,7 @@ class AdaptedLinear(nn.Module):
         if ctx.stacked is not None:  # inference only, so in place
             stacks = ctx.stacked.stacks.get(self.name, self.in_features, self.out_features)
             if stacks is not None:
-                out2.index_add_(0, ctx.stacked.plan.rows, grouped_delta(x2, stacks, ctx.stacked.plan).to(out2.dtype))
+                add_grouped_delta(out2, x2, stacks, ctx.stacked.plan)
         return out2.view(out.shape)
 
 

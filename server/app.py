@@ -74,6 +74,7 @@ class ServeOptions:
     device_adapters: int = 32  # adapters resident on the compute device at once
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
     merge_mode: str = "batch"
+    grouped_kernels: str = "auto"  # auto: Triton BGMV kernels on CUDA when triton is present; torch: never
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads; None: torch's default
 
@@ -88,10 +89,28 @@ class ServeOptions:
         for flag in ("max_queued_requests", "max_batch_size", "max_prefill_tokens", "device_adapters"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        for flag, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16", "float16")),
+                              ("merge_mode", ("auto", "merge", "batch")), ("grouped_kernels", ("auto", "torch"))):
+            if getattr(self, flag) not in allowed:
+                raise ValueError(f"--{flag.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.shutdown_grace < 0:
             raise ValueError("--shutdown-grace must be >= 0")
         if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
             raise ValueError(f"--adapter-dir {self.adapter_dir!r} is not a directory")
+
+
+def _HealthServicer():  # noqa: N802 - builds the class lazily (grpc_health is imported only when serving)
+    """grpcio-health-checking's asyncio servicer plus the `List` RPC, which it leaves unimplemented (every
+    call, unauthenticated ones included, would log an ERROR traceback)."""
+    from grpc_health.v1 import health, health_pb2
+
+    class HealthServicer(health.aio.HealthServicer):
+        async def List(self, request: object, context: object) -> object:  # noqa: N802 - the RPC's name
+            return health_pb2.HealthListResponse(statuses={
+                name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()
+            })
+
+    return HealthServicer()
 
 
 def _hostport(host: str, port: int) -> str:
@@ -193,7 +212,7 @@ class LoraplexServer:
         self._state = ServingState()
         loraplex_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self._state), server)
         loraplex_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self._state), server)
-        self._health = health.aio.HealthServicer()
+        self._health = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = [loraplex_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Generation", "AdapterAdmin")]
         for service in ["", *services]:
@@ -245,9 +264,12 @@ class LoraplexServer:
         from .manager import AdapterManager
         from .request import SamplingParams
 
+        from ..adapters import kernels
+
         o = self.options
         if o.threads:
             torch.set_num_threads(o.threads)
+        kernels.enable(o.grouped_kernels == "auto")
         model, tokenizer, name = self._load_model()
         adapted = AdaptedModel(model)
         log.info("serving %s on %s (%s)", name, adapted.device, str(adapted.dtype).removeprefix("torch."))
@@ -474,6 +496,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="adapters kept in host memory, LRU (default: max(64, --device-adapters))")
     p.add_argument("--merge-mode", default=d.merge_mode, choices=["auto", "merge", "batch"],
                    help="merge a lone adapter into the weights (merge, auto) or never (batch; default)")
+    p.add_argument("--grouped-kernels", default=d.grouped_kernels, choices=["auto", "torch"],
+                   help="multi-adapter decode steps on CUDA: Triton kernels when triton is installed, checked "
+                   "against the plain-torch path at first use (auto), or plain torch only (torch)")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")

@@ -205,6 +205,12 @@ def test_health_listing_and_reflection(server, client):
     with grpc.insecure_channel(server.address) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"loraplex.v1.Generation", "loraplex.v1.AdapterAdmin", "grpc.health.v1.Health"} <= services
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        listed = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=WAIT).statuses
+    assert {name: s.status for name, s in listed.items()} == dict.fromkeys(
+        ["", "loraplex.v1.Generation", "loraplex.v1.AdapterAdmin"], health_pb2.HealthCheckResponse.SERVING)
 
 
 def test_concurrent_mixed_adapter_requests_equal_the_engine(server, client, reference):
