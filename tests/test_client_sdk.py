@@ -438,3 +438,43 @@ def test_client_distribution_depends_on_grpcio_and_protobuf_only() -> None:
     names = {dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]}
     assert names == {"grpcio", "protobuf"}
     assert project["version"] == loraplex_client.__version__
+
+
+# ---------------------------------------------------------------------- task affinity header
+AFFINITY_IDS = ["sentiment", "mt/qa", "", "café 日本", "50%", " padded "]
+
+
+def test_generate_calls_carry_the_task_id_for_affinity_routing(client: Client, fake: FakeServer) -> None:
+    """Every Generate and GenerateStream carries `x-loraplex-task`, one distinct valid value per task id, so an
+    L7 proxy hashing on it keeps each task on one replica; other calls do not carry it."""
+    assert loraplex_client.TASK_HEADER == "x-loraplex-task"
+    values = []
+    for task_id in AFFINITY_IDS:
+        client.generate(task_id, "ab")
+        unary = fake.seen[-1][1]
+        list(client.generate_stream(task_id, "ab"))
+        streamed = fake.seen[-1][1]
+        assert unary[loraplex_client.TASK_HEADER] == streamed[loraplex_client.TASK_HEADER]
+        assert unary["authorization"] == f"Bearer {TOKEN}"  # the token still goes along
+        values.append(unary[loraplex_client.TASK_HEADER])
+    assert values[:3] == ["sentiment", "mt/qa", ""]  # plain ids go as they are, readable in proxy logs
+    assert values[3:] == ["caf%C3%A9%20%E6%97%A5%E6%9C%AC", "50%25", "%20padded%20"]
+    assert len(set(values)) == len(values)
+    client.list_tasks()
+    assert loraplex_client.TASK_HEADER not in fake.seen[-1][1]
+
+
+def test_async_generate_calls_carry_the_task_id(fake_server, fake: FakeServer) -> None:
+    async def main() -> list[tuple[str, str]]:
+        got = []
+        async with AsyncClient(fake_server[1], token=TOKEN, timeout=5) as c:
+            for task_id in ("mt/qa", "café"):
+                await c.generate(task_id, "ab")
+                unary = fake.seen[-1][1][loraplex_client.TASK_HEADER]
+                _ = [chunk async for chunk in c.generate_stream(task_id, "ab")]
+                got.append((unary, fake.seen[-1][1][loraplex_client.TASK_HEADER]))
+            await c.list_adapters()
+            assert loraplex_client.TASK_HEADER not in fake.seen[-1][1]
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), timeout=30)) == [("mt/qa", "mt/qa"), ("caf%C3%A9", "caf%C3%A9")]

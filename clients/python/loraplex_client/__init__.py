@@ -7,6 +7,7 @@
 Depends on grpcio and protobuf only (no torch). The generated gRPC modules are in `loraplex_client.pb`.
 """
 
+from ._common import TASK_HEADER
 from .aio import AsyncClient
 from .client import Client
 from .errors import (
@@ -44,6 +45,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "StreamChunk",
+    "TASK_HEADER",
     "TaskInfo",
     "UnauthenticatedError",
     "UnavailableError",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import grpc.aio
@@ -16,6 +18,23 @@ from .pb import loraplex_pb2 as pb
 from .pb import loraplex_pb2_grpc as pb_grpc
 
 ChannelOptions = Sequence[tuple[str, "str | int"]]
+
+TASK_HEADER = "x-loraplex-task"
+"""gRPC metadata key sent with every Generate and GenerateStream call, its value the request's task id.
+
+The server ignores it; an L7 proxy in front of several replicas hashes on it (Envoy's `hash_policy` on this
+header with a RING_HASH or MAGLEV cluster), so that requests for one task keep reaching the replica that
+already holds its adapter. See docs/operating.md.
+"""
+# Visible ASCII, which any metadata value may carry; '%' is escaped so that the encoding stays one-to-one, and
+# spaces too, as HTTP/2 peers may trim them from the ends of a header value.
+_HEADER_SAFE = (string.ascii_letters + string.digits + string.punctuation).replace("%", "")
+
+
+def task_header_value(task_id: str) -> str:
+    """The `x-loraplex-task` value of `task_id`: the id itself when it is visible ASCII without '%',
+    otherwise percent-encoded UTF-8 (one value per task id, always a valid metadata value)."""
+    return quote(task_id, safe=_HEADER_SAFE)
 
 
 @dataclass(frozen=True)
@@ -32,6 +51,10 @@ class ChannelConfig:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the bearer token, when there is one (health checks need none, but it is harmless)."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def generate_metadata(self, task_id: str) -> tuple[tuple[str, str], ...]:
+        """Metadata of a Generate / GenerateStream call: the token, and the task id for affinity routing."""
+        return (*self.metadata, (TASK_HEADER, task_header_value(task_id)))
 
     def timeout_for(self, timeout: float | None) -> float | None:
         """A call's timeout: its own if given, else the client's default (None: wait forever)."""

@@ -62,10 +62,12 @@ class AsyncClient:
             self._stubs = Stubs.for_channel(self._channel)
         return self._stubs
 
-    async def _call(self, method: str, request: object, timeout: float | None) -> Any:
+    async def _call(self, method: str, request: object, timeout: float | None,
+                    metadata: tuple[tuple[str, str], ...] | None = None) -> Any:
         callable_ = getattr(self._open(), method)
+        metadata = self._config.metadata if metadata is None else metadata
         try:
-            return await callable_(request, timeout=self._config.timeout_for(timeout), metadata=self._config.metadata)
+            return await callable_(request, timeout=self._config.timeout_for(timeout), metadata=metadata)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
 
@@ -85,7 +87,8 @@ class AsyncClient:
     ) -> GenerateResult:
         """See `Client.generate`."""
         request = generate_request(task_id, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
-        return GenerateResult.from_pb(await self._call("generate", request, timeout))
+        metadata = self._config.generate_metadata(task_id)
+        return GenerateResult.from_pb(await self._call("generate", request, timeout, metadata))
 
     def generate_stream(
         self,
@@ -107,7 +110,7 @@ class AsyncClient:
         """
         request = generate_request(task_id, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         call = self._open().generate_stream(
-            request, timeout=self._config.timeout_for(timeout), metadata=self._config.metadata
+            request, timeout=self._config.timeout_for(timeout), metadata=self._config.generate_metadata(task_id)
         )
         return _iterate(call)
 

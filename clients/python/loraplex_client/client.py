@@ -31,6 +31,8 @@ class Client:
         options: extra gRPC channel options, e.g. `[("grpc.ssl_target_name_override", "localhost")]`.
 
     Every failed call raises a `LoraplexError` subclass (`NotFoundError`, ...) that keeps the status code.
+    `generate` and `generate_stream` also send the task id as the metadata `x-loraplex-task` (`TASK_HEADER`),
+    for a load balancer that routes each task to the same replica.
     The client is thread-safe; close it (or use `with`) to release the connection.
     """
 
@@ -55,9 +57,11 @@ class Client:
     def target(self) -> str:
         return self._config.target
 
-    def _call(self, method: Any, request: object, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: object, timeout: float | None,
+              metadata: tuple[tuple[str, str], ...] | None = None) -> Any:
+        metadata = self._config.metadata if metadata is None else metadata
         try:
-            return method(request, timeout=self._config.timeout_for(timeout), metadata=self._config.metadata)
+            return method(request, timeout=self._config.timeout_for(timeout), metadata=metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -82,7 +86,8 @@ class Client:
         `ignore_eos` runs to `max_new_tokens` even past the end-of-sequence token.
         """
         request = generate_request(task_id, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
-        return GenerateResult.from_pb(self._call(self._stubs.generate, request, timeout))
+        metadata = self._config.generate_metadata(task_id)
+        return GenerateResult.from_pb(self._call(self._stubs.generate, request, timeout, metadata))
 
     def generate_stream(
         self,
@@ -105,7 +110,7 @@ class Client:
         """
         request = generate_request(task_id, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         call = self._stubs.generate_stream(
-            request, timeout=self._config.timeout_for(timeout), metadata=self._config.metadata
+            request, timeout=self._config.timeout_for(timeout), metadata=self._config.generate_metadata(task_id)
         )
         return _iterate(call)
 
