@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from .errors import AdapterFormatError
 
@@ -45,7 +45,12 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load the safetensors weights of the adapter directory `path` onto the CPU."""
+    """Load the safetensors weights of the adapter directory `path` onto the CPU.
+
+    The file is read into memory, never memory-mapped: mapped tensors would stay backed by the file, so that
+    an admin rewriting it in place (`cp` onto it) would change the weights a server is serving, and
+    truncating it would kill the server with SIGBUS at its next forward pass. The bytes read are also the
+    bytes validated and served. The price is a transient second copy while the tensors are built."""
     directory = Path(path)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
@@ -57,7 +62,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         raise AdapterFormatError(f"{WEIGHTS_FILE} is missing in {str(directory)!r}")
     try:
-        tensors = load_file(str(weights), device="cpu")
+        tensors = load(weights.read_bytes())
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"{WEIGHTS_FILE} in {str(directory)!r} is corrupt: {exc}") from None
     for name, tensor in tensors.items():

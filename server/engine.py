@@ -247,13 +247,18 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ validation
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of a prompt, as `submit` takes them (InvalidRequestError if the tokenizer refuses the
+        text). Thread-safe; megabytes of text take seconds."""
+        try:
+            with self._tokenizer_lock:
+                return list(self.tokenizer(text)["input_ids"])
+        except Exception as exc:  # the tokenizer refuses the text: the request's fault, not the server's
+            raise InvalidRequestError(f"prompt cannot be tokenized: {type(exc).__name__}") from exc
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            try:
-                with self._tokenizer_lock:
-                    ids = list(self.tokenizer(prompt)["input_ids"])
-            except Exception as exc:  # the tokenizer refuses the text: the request's fault, not the server's
-                raise InvalidRequestError(f"prompt cannot be tokenized: {type(exc).__name__}") from exc
+            ids = self.tokenize(prompt)
         else:
             ids = list(prompt)
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

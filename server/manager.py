@@ -67,7 +67,7 @@ class AdapterExistsError(AdapterError):
 
 
 class AdapterPathError(AdapterError, PermissionError):
-    """The adapter path leaves the adapter directory (`..`, an absolute path, or a symlink)."""
+    """The adapter path leaves the adapter directory (through `..`, an absolute path or a symlink)."""
 
 
 class AdapterCapacityError(AdapterError):
@@ -575,10 +575,16 @@ class AdapterManager:
             self._emit(events)
 
     def _read(self, entry: _Entry) -> Adapter:
-        """Read `entry` from disk again, refusing files that are no longer the ones `load` validated."""
-        self._confine(entry.path)  # still inside the adapter directory, symlinks swapped in since included
-        fingerprint = _fingerprint(entry.path)
-        adapter = load_adapter(entry.path, entry.name)
+        """Read `entry` from disk again, refusing files that are no longer the ones `load` validated.
+
+        Errors name the adapter: the requests that meet them asked for a task id, maybe not the adapter's
+        name, and the directory in a bare reading error need not be named after the adapter either."""
+        try:
+            self._confine(entry.path)  # still inside the adapter directory, symlinks swapped in since included
+            fingerprint = _fingerprint(entry.path)
+            adapter = load_adapter(entry.path, entry.name)
+        except AdapterError as exc:
+            raise _naming(exc, entry.name) from None
         found = (adapter.adapter_type, tuple(adapter.tasks if adapter.multi_task else [entry.name]), adapter.rank,
                  adapter.num_parameters())
         if fingerprint != entry.fingerprint or found != entry.signature:
@@ -619,6 +625,15 @@ def _fresh(error: AdapterError) -> AdapterError:
         return type(error)(*error.args)
     except TypeError:  # a subclass with its own constructor signature
         return AdapterError(str(error))
+
+
+def _naming(error: AdapterError, name: str) -> AdapterError:
+    """`error`, of the same class where it can be, saying that adapter `name` could not be read again."""
+    message = f"adapter {name!r} could not be read again from disk: {error}"
+    try:
+        return type(error)(message)
+    except TypeError:  # a subclass with its own constructor signature
+        return AdapterFormatError(message)
 
 
 def _fingerprint(directory: Path) -> tuple[tuple[int, ...], ...]:

@@ -7,6 +7,7 @@ exponential race (argmax p_i / E_i with E_i ~ Exp(1), distributed as p): no `mul
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -18,8 +19,8 @@ from .request import InvalidRequestError, SamplingParams
 
 def validate(params: SamplingParams) -> None:
     """Raise InvalidRequestError naming the first bad parameter (limits that need the engine are checked there)."""
-    if not isinstance(params.temperature, (int, float)) or not params.temperature >= 0:  # also catches NaN
-        raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature!r}")
+    if not isinstance(params.temperature, (int, float)) or not 0 <= params.temperature < math.inf:  # NaN too
+        raise InvalidRequestError(f"temperature must be finite and >= 0, got {params.temperature!r}")
     if not isinstance(params.top_p, (int, float)) or not 0.0 <= params.top_p <= 1.0:
         raise InvalidRequestError(f"top_p must be in [0, 1], got {params.top_p!r}")
     if not _is_int(params.top_k) or params.top_k < 0:  # above the vocabulary it keeps every token
@@ -74,7 +75,9 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
     sub = logits[index] if index is not None else logits
     sub = sub.float()  # [m, V]
     temps = device_tensor([s.temperature for s in chosen], device, torch.float32)  # [m]
-    sub = sub / temps[:, None]
+    # shifted so that the largest logit is 0 before dividing: with a tiny temperature, logits / T would
+    # overflow to inf and the softmax to NaN (then argmax picks token 0); (l - max) / T stays <= 0
+    sub = (sub - sub.amax(dim=-1, keepdim=True)) / temps[:, None]
     if any(s.top_k > 0 or 0.0 < s.top_p < 1.0 for s in chosen):
         sub = _filter_top_k_top_p(sub, [s.top_k for s in chosen], [s.top_p for s in chosen])
     probs = torch.softmax(sub, dim=-1)  # [m, V]

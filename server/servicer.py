@@ -22,7 +22,7 @@ import grpc.aio
 from loraplex_client.pb import loraplex_pb2 as pb
 from loraplex_client.pb import loraplex_pb2_grpc as pb_grpc
 
-from ..adapters.errors import AdapterError, IncompatibleAdapterError, UnknownTaskError, shorten
+from ..adapters.errors import AdapterError, IncompatibleAdapterError, UnknownTaskError
 from .engine import Engine
 from .manager import (
     AdapterCapacityError,
@@ -47,7 +47,13 @@ from .request import (
 log = logging.getLogger("loraplex.server")
 
 Code = grpc.StatusCode
-MAX_DETAILS = 1024  # characters of an error message sent to the client (gRPC caps details at 8 KiB)
+MAX_DETAILS = 1024  # bytes of an error message sent to the client (gRPC caps all headers at 8 KiB)
+INLINE_PROMPT_CHARS = 4096  # longer prompts are tokenized in a worker thread (a few ms below this)
+# A client whose deadline passes cancels the call itself (RST_STREAM), which the server cannot tell from any
+# other cancel. The server's copy of the deadline starts when the request arrives, so it ends a little after
+# the client's: a cancel this close to it is the deadline (without the slack, streams under load were counted
+# CANCELLED with a millisecond left).
+DEADLINE_SLACK_S = 0.05
 
 # first match wins: subclasses before their bases (AdapterPathError is an AdapterError, ...)
 _SUBMIT_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -73,11 +79,21 @@ SHUTTING_DOWN = "the server is shutting down"
 STARTING = "the server is starting (the model is loading)"
 
 
+def details_of(text: str) -> str:
+    """`text` cut to MAX_DETAILS bytes of UTF-8. gRPC sends the details percent-encoded in a header (3 bytes for
+    every byte outside printable ASCII) and replaces a status whose headers pass 8 KiB with RESOURCE_EXHAUSTED:
+    a limit in characters is not enough, since 1024 emoji take 12 KiB there."""
+    data = text.encode("utf-8", "replace")  # a lone surrogate (an undecodable file name) becomes '?'
+    if len(data) <= MAX_DETAILS:
+        return data.decode("utf-8")
+    return data[:MAX_DETAILS - 16].decode("utf-8", "ignore") + " ... (truncated)"
+
+
 def status_of(exc: BaseException, table=_SUBMIT_ERRORS) -> tuple[grpc.StatusCode, str] | None:
     """(code, short details) for a known error; None for anything else (a bug: INTERNAL)."""
     for kind, code in table:
         if isinstance(exc, kind):
-            return code, shorten(str(exc) or type(exc).__name__, MAX_DETAILS)
+            return code, details_of(str(exc) or type(exc).__name__)
     return None
 
 
@@ -155,7 +171,8 @@ class _RequestRecord:
 
     def cancelled(self, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
-        self.code = Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        self.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
 
     def report(self) -> None:
         if self.metrics is not None:
@@ -271,9 +288,13 @@ class AdapterAdminServicer(pb_grpc.AdapterAdminServicer):
 
 async def _submit(backend: Backend, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                   record: _RequestRecord) -> RequestHandle:
-    """Queue the request in the engine (validation and tokenizing happen here, synchronously)."""
+    """Queue the request in the engine (validation and tokenizing happen here). A long prompt is tokenized in a
+    worker thread first: megabytes take seconds, which on the event loop would stall every other RPC."""
+    prompt: str | list[int] = request.prompt
     try:
-        handle = backend.engine.submit(request.task_id, request.prompt, sampling_params(request.params))
+        if len(prompt) > INLINE_PROMPT_CHARS:
+            prompt = await asyncio.to_thread(backend.engine.tokenize, prompt)
+        handle = backend.engine.submit(request.task_id, prompt, sampling_params(request.params))
     except Exception as exc:
         record.label(backend, request.task_id)
         await _abort_known(exc, context, record)
@@ -338,7 +359,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 class _Unparsable:
     def __init__(self, error: Exception) -> None:
-        self.details = shorten(f"the request is not a valid message: {error}", MAX_DETAILS)
+        self.details = details_of(f"the request is not a valid message: {error}")
 
 
 def _tolerant(deserializer):
@@ -356,7 +377,7 @@ def _tolerant(deserializer):
 
 def _internal(method: str, exc: Exception) -> str:
     log.error("unexpected error in %s", method, exc_info=exc)
-    return shorten(f"internal error: {type(exc).__name__}: {exc}", MAX_DETAILS)
+    return details_of(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _guard_unary(behaviour, method: str):

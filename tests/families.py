@@ -27,11 +27,12 @@ def randomize(adapter: Adapter, seed: int, std: float = 0.15) -> None:
 
 
 def make_adapter(adapter_type: str, adapted: AdaptedModel, arch: str, name: str, tmp: Path, seed: int = 0,
-                 **options) -> Adapter:
-    """Create (paper init), randomize, save and reload: the loaded copy is what the tests serve."""
+                 tasks: list[str] | None = None, **options) -> Adapter:
+    """Create (paper init), randomize, save and reload: the loaded copy is what the tests serve.
+    A multi-task family serves `tasks` (default TASKS); task ids are unique on a server."""
     cls = adapter_class(adapter_type)
     adapter = cls.create(name, adapted.specs, target_modules=FAMILY_TARGETS[arch], rank=4,
-                         tasks=TASKS if cls.multi_task else None, seed=seed, **options)
+                         tasks=(tasks or TASKS) if cls.multi_task else None, seed=seed, **options)
     randomize(adapter, seed + 100)
     adapter.save(tmp / name)
     return load_adapter(tmp / name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from loraplex.server.app import BackgroundServer, ServeOptions
 
 WAIT = 30.0  # seconds: the bound on every wait in the server tests
+LONG = 1000  # tokens: a request that runs for about a second or more on the tiny model
 
 
 def peaky_lm() -> torch.nn.Module:
@@ -44,3 +46,23 @@ def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def capture_handles(bg: BackgroundServer, monkeypatch) -> list:
+    """Record the engine's RequestHandle of every request the servicer submits."""
+    engine, handles = bg.server.engine, []
+    submit = engine.submit
+
+    def recording(*args, **kwargs):
+        handles.append(submit(*args, **kwargs))
+        return handles[-1]
+
+    monkeypatch.setattr(engine, "submit", recording)
+    return handles
+
+
+def read_lines(stream, out: queue.Queue) -> None:
+    """Put each line of a subprocess's text stream on `out`, then None at its end (run in a thread)."""
+    for line in iter(stream.readline, ""):
+        out.put(line)
+    out.put(None)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from families import make_adapter
 from prometheus_client.parser import text_string_to_metric_families
-from servers import WAIT, options, peaky_lm, start, wait_until
+from servers import LONG, WAIT, capture_handles, options, peaky_lm, start, wait_until
 from tiny import tiny_model
 from tokenizer import build_tokenizer
 
@@ -50,7 +50,6 @@ from loraplex_client import (
 from loraplex_client.errors import from_rpc_error
 from loraplex_client.pb import loraplex_pb2 as pb
 
-LONG = 1000  # tokens: a request that runs for about a second or more on the tiny model
 STEADY = [  # (task id, prompt): the base model, two LoRAs, an MTL-LoRA through each form of its task ids
     ("", "the model"), ("lo1", "café 日本"), ("alpha", "ok ok a b"), ("lo2", "the task"),
     ("mt/beta", "query answer rank"), ("lo1", "token batch rank end"), ("gamma", "end"), ("", "b a"),
@@ -144,19 +143,6 @@ def metric(samples: dict, name: str, **labels) -> float:
 
 def still_serves(client: Client) -> None:
     assert client.generate("lo1", "ok", max_new_tokens=2, ignore_eos=True).generated_tokens == 2
-
-
-def capture_handles(bg: BackgroundServer, monkeypatch) -> list:
-    """Record the engine's RequestHandle of every request the servicer submits."""
-    engine, handles = bg.server.engine, []
-    submit = engine.submit
-
-    def recording(*args, **kwargs):
-        handles.append(submit(*args, **kwargs))
-        return handles[-1]
-
-    monkeypatch.setattr(engine, "submit", recording)
-    return handles
 
 
 # ---------------------------------------------------------------------- serving

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from servers import options, start
+from servers import options, read_lines, start
 
 from loraplex.cli import build_parser, main
 from loraplex.server.app import options_from_args
@@ -24,12 +24,6 @@ WAIT = 60.0  # start-up imports torch and transformers: allow for a slow machine
 READY = re.compile(r"loraplex ready: grpc (\S+), metrics http://(\S+)/metrics")
 
 
-def _lines(stream, out: queue.Queue) -> None:
-    for line in iter(stream.readline, ""):
-        out.put(line)
-    out.put(None)
-
-
 def test_serve_subprocess_ready_generate_and_sigterm_drain(capsys):
     """Configured as a container configures it: through LORAPLEX_* variables, a flag overriding one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
@@ -38,7 +32,7 @@ def test_serve_subprocess_ready_generate_and_sigterm_drain(capsys):
     proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--shutdown-grace", "30"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True).start()
     log: list[str] = []
     try:
         deadline = time.monotonic() + WAIT
