@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import re
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from tiny import ARCHITECTURES
@@ -61,8 +69,40 @@ def capture_handles(bg: BackgroundServer, monkeypatch) -> list:
     return handles
 
 
-def read_lines(stream, out: queue.Queue) -> None:
-    """Put each line of a subprocess's text stream on `out`, then None at its end (run in a thread)."""
+READY = re.compile(r"loraplex ready: grpc (\S+), ")
+START_WAIT = 60.0  # seconds for a `loraplex serve` subprocess to be ready: it imports torch and transformers
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], env: dict[str, str] | None = None) -> Iterator[SimpleNamespace]:
+    """`loraplex serve ARGS` in a subprocess, up to its ready line; yields `.proc`, `.address` and `.log` (its
+    stderr lines). The caller's LORAPLEX_* variables are dropped, `env` added. On exit the process is killed if
+    still running, and `.log` gets the rest of its lines."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    environ.update(PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=environ)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stderr, lines), daemon=True).start()
+    server = SimpleNamespace(proc=proc, address=None, log=[])
+    try:
+        deadline = time.monotonic() + START_WAIT
+        while server.address is None:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            assert line is not None, "the server exited before it was ready:\n" + "".join(server.log)
+            server.log.append(line)
+            if match := READY.search(line):
+                server.address = match.group(1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=START_WAIT)
+        while (line := lines.get(timeout=START_WAIT)) is not None:
+            server.log.append(line)
+
+
+def _read_lines(stream, out: queue.Queue) -> None:
     for line in iter(stream.readline, ""):
         out.put(line)
     out.put(None)

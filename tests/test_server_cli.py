@@ -3,17 +3,14 @@ SIGTERM with a request in flight, exit 0. Plus the command line's refusals and t
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from servers import options, read_lines, start
+from servers import options, serve_process, start
 
 from loraplex.cli import build_parser, main
 from loraplex.server.app import options_from_args
@@ -21,46 +18,25 @@ from loraplex.server.default_model import load_default
 from loraplex_client import Client
 
 WAIT = 60.0  # start-up imports torch and transformers: allow for a slow machine
-READY = re.compile(r"loraplex ready: grpc (\S+), metrics http://(\S+)/metrics")
 
 
 def test_serve_subprocess_ready_generate_and_sigterm_drain(capsys):
     """Configured as a container configures it: through LORAPLEX_* variables, a flag overriding one."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env.update(PYTHONUNBUFFERED="1", LORAPLEX_PORT="0", LORAPLEX_METRICS_PORT="0", LORAPLEX_DEVICE="cpu",
-               LORAPLEX_SHUTDOWN_GRACE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--shutdown-grace", "30"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True).start()
-    log: list[str] = []
-    try:
-        deadline = time.monotonic() + WAIT
-        match = None
-        while match is None:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            assert line is not None, "the server exited before it was ready:\n" + "".join(log)
-            log.append(line)
-            match = READY.search(line)
-        address = match.group(1)
-        assert not address.endswith(":0") and any("serving " in line and "default model" in line for line in log)
-        assert sum("loraplex ready" in line for line in log) == 1
-        assert main(["health", "--address", address]) == 0 and "SERVING" in capsys.readouterr().out
-        with Client(address, timeout=WAIT) as client:
+    env = dict(LORAPLEX_PORT="0", LORAPLEX_METRICS_PORT="0", LORAPLEX_DEVICE="cpu", LORAPLEX_SHUTDOWN_GRACE="1")
+    with serve_process(["--shutdown-grace", "30"], env) as server:
+        assert not server.address.endswith(":0")
+        assert any("serving " in line and "default model" in line for line in server.log)
+        assert sum("loraplex ready" in line for line in server.log) == 1
+        assert main(["health", "--address", server.address]) == 0 and "SERVING" in capsys.readouterr().out
+        with Client(server.address, timeout=WAIT) as client:
             assert client.generate("", "The film was", max_new_tokens=4, ignore_eos=True).generated_tokens == 4
             stream = client.generate_stream("", "The film was", max_new_tokens=200, ignore_eos=True)
             chunks = [next(stream)]  # in flight
-            proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             chunks += list(stream)
         assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 200
-        assert proc.wait(timeout=WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=WAIT)
-    while (line := lines.get(timeout=WAIT)) is not None:
-        log.append(line)
-    assert any("SIGTERM" in line for line in log) and "Traceback" not in "".join(log)
+        assert server.proc.wait(timeout=WAIT) == 0  # within the flag's 30 s grace, not the variable's 1 s
+    assert any("SIGTERM" in line for line in server.log) and "Traceback" not in "".join(server.log)
 
 
 @pytest.mark.parametrize("argv, words", [

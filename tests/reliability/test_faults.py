@@ -26,12 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +35,7 @@ from pathlib import Path
 
 import pytest
 from families import make_adapter
-from servers import LONG, WAIT, capture_handles, peaky_lm, read_lines, wait_until
-from test_server_cli import WAIT as START_WAIT
+from servers import LONG, WAIT, capture_handles, peaky_lm, serve_process, wait_until
 
 from loraplex.adapters import AdaptedModel
 from loraplex.adapters.io import CONFIG_FILE, WEIGHTS_FILE
@@ -56,7 +51,6 @@ from loraplex_client import (
     UnavailableError,
 )
 
-READY = re.compile(r"loraplex ready: grpc (\S+), metrics off")
 SIGTERM_TOKENS = 160  # the default model has 256 positions; the prompt takes 13
 BATCH = 16  # the module server's running sequences (tests/servers.py options)
 
@@ -322,22 +316,10 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(tmp_path)
     adapted = AdaptedModel(load_default("cpu")[0])
     for seed, name in enumerate(["d1", "d2"]):
         make_adapter("lora", adapted, "llama", name, tmp_path, seed=seed)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("LORAPLEX_AUTH_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--port", "0", "--metrics-port", "-1",
-                             "--device", "cpu", "--adapter-dir", str(tmp_path), "--shutdown-grace", "30"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=read_lines, args=(proc.stderr, lines), daemon=True).start()
-    log: list[str] = []
-    try:
-        deadline, match = time.monotonic() + START_WAIT, None
-        while match is None:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            assert line is not None, "the server exited before it was ready:\n" + "".join(log)
-            log.append(line)
-            match = READY.search(line)
-        address = match.group(1)
+    args = ["--port", "0", "--metrics-port", "-1", "--device", "cpu", "--adapter-dir", str(tmp_path),
+            "--shutdown-grace", "30"]
+    with serve_process(args) as server:
+        proc, address = server.proc, server.address
         task_ids = ["", "d1", "d2"]
         in_flight = threading.Barrier(BATCH + 1, timeout=WAIT)
         finished = []
@@ -370,10 +352,4 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(tmp_path)
         assert proc.wait(timeout=30) == 0  # within --shutdown-grace
         with Client(address, timeout=5) as late, pytest.raises(UnavailableError):
             late.generate("", "gone", max_new_tokens=1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=WAIT)
-    while (line := lines.get(timeout=WAIT)) is not None:
-        log.append(line)
-    assert any("SIGTERM" in line for line in log) and "Traceback" not in "".join(log)
+    assert any("SIGTERM" in line for line in server.log) and "Traceback" not in "".join(server.log)
