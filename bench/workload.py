@@ -62,7 +62,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: list[str], warm: list[str],
-               ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "batch") -> dict:
+               ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "auto") -> dict:
     """Submit every request at once; throughput = generated tokens / (last finish - first submit)."""
     collector = Collector()
     host = max(device_capacity, 64)
@@ -112,8 +112,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--merge-modes", default="batch", help="engine merge modes to run each scenario with, "
-                    "e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
+    ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
+                    "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     scenarios = [s for s in a.scenarios.split(",") if s]
@@ -141,7 +141,7 @@ def main() -> None:
         ids = prompts(a.requests, a.prompt_len, vocab)
         tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
         for mode in a.merge_modes.split(","):
-            label = scenario if mode == "batch" else f"{scenario} ({mode})"
+            label = scenario if mode == "auto" else f"{scenario} ({mode})"
             emit({"system": "loraplex", "scenario": label,
                   **run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
                                device_capacity=max(k, 1), merge_mode=mode)})

@@ -73,7 +73,7 @@ class ServeOptions:
     kv_cache_gib: float = 1.0
     device_adapters: int = 32  # adapters resident on the compute device at once
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
-    merge_mode: str = "batch"
+    merge_mode: str = "auto"
     grouped_kernels: str = "auto"  # auto: Triton BGMV kernels on CUDA when triton is present; torch: never
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads; None: torch's default
@@ -495,7 +495,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--host-adapters", type=int, metavar="N",
                    help="adapters kept in host memory, LRU (default: max(64, --device-adapters))")
     p.add_argument("--merge-mode", default=d.merge_mode, choices=["auto", "merge", "batch"],
-                   help="merge a lone adapter into the weights (merge, auto) or never (batch; default)")
+                   help="when every running request uses one mergeable adapter, merge it into the weights: after "
+                   "16 such steps in a row (auto), at once (merge), or never (batch)")
     p.add_argument("--grouped-kernels", default=d.grouped_kernels, choices=["auto", "torch"],
                    help="multi-adapter decode steps on CUDA: Triton kernels when triton is installed, checked "
                    "against the plain-torch path at first use (auto), or plain torch only (torch)")

@@ -61,7 +61,7 @@ class EngineConfig:
     max_new_tokens_limit: int | None = None  # the largest max_new_tokens accepted; None = max_seq_len - 1
     default_max_new_tokens: int = 256  # when a request asks for 0 / None (capped to fit the context)
     max_prefill_tokens: int = 512  # prompt tokens admitted per step (one prompt is always admitted)
-    merge_mode: str = "batch"  # "auto" | "merge" | "batch" (see docs/design.md)
+    merge_mode: str = "auto"  # "auto" | "merge" | "batch" (see docs/design.md)
     merge_after_steps: int = 16  # auto: homogeneous steps in a row before merging
     prefetch_lookahead: int = 4  # queued requests whose adapters are warmed while no slot is free
     adapter_wait_s: float = 2.0  # a request waiting this long for its adapter stops others overtaking it

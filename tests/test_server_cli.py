@@ -62,14 +62,14 @@ def test_serve_refuses_bad_variables(monkeypatch, caplog, variable, value, words
 
 
 def test_variables_are_defaults_that_flags_override(monkeypatch):
-    for name, value in {"LORAPLEX_MAX_BATCH_SIZE": "7", "LORAPLEX_MERGE_MODE": "auto", "LORAPLEX_METRICS_PORT": "-1",
+    for name, value in {"LORAPLEX_MAX_BATCH_SIZE": "7", "LORAPLEX_MERGE_MODE": "merge", "LORAPLEX_METRICS_PORT": "-1",
                         "LORAPLEX_KV_CACHE_GIB": "0.5", "LORAPLEX_HOST_ADAPTERS": ""}.items():
         monkeypatch.setenv(name, value)
     options = options_from_args(build_parser().parse_args(["serve"]))
-    assert (options.max_batch_size, options.merge_mode, options.metrics_port, options.kv_cache_gib) == (7, "auto", None, 0.5)
+    assert (options.max_batch_size, options.merge_mode, options.metrics_port, options.kv_cache_gib) == (7, "merge", None, 0.5)
     assert options.host_adapters is None  # empty: unset
     flagged = options_from_args(build_parser().parse_args(["serve", "--max-batch-size", "3"]))
-    assert flagged.max_batch_size == 3 and flagged.merge_mode == "auto"
+    assert flagged.max_batch_size == 3 and flagged.merge_mode == "merge"
 
 
 def test_every_serve_flag_names_its_variable(capsys):
