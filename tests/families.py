@@ -14,7 +14,8 @@ TASKS = ["alpha", "beta", "gamma"]
 # module types each family adapts in the tests (GIFT shares Θ per module type, split per role where
 # widths differ, as GPT-2's attn.c_proj and mlp.c_proj do)
 FAMILY_TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}
-for _arch in ("mistral", "qwen2", "qwen3"):
+FAMILY_TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # fused q/k/v and gate/up
+for _arch in ("mistral", "qwen2", "qwen3", "gemma", "olmo2", "gemma2", "gemma3_text"):
     FAMILY_TARGETS[_arch] = FAMILY_TARGETS["llama"]
 
 

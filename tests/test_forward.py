@@ -3,17 +3,25 @@ with and without adapters in the batch, over a packed step whose rows are not in
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from families import make_adapter
-from tiny import ARCHITECTURES, prompts, tiny_model
-from transformers import AutoModelForCausalLM, BertConfig, MistralConfig
+from tiny import ARCHITECTURES, TARGETS, prompts, tiny_model
+from tokenizer import build_tokenizer, lm
+from transformers import AutoModelForCausalLM, BertConfig, GemmaConfig, LlamaConfig, MistralConfig
 
-from loraplex.adapters import AdaptedModel
+from loraplex.adapters import AdaptedModel, load_adapter
+from loraplex.server.engine import Engine, EngineConfig
 from loraplex.server.forward import SeqRun, UnsupportedModelError, build_forward, build_step
 from loraplex.server.kv_cache import KVCache, SlotTable
+from loraplex.server.manager import AdapterManager
+from loraplex.server.request import SamplingParams
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+# these also go through the engine here (test_engine.py serves llama and gpt2)
+ENGINE_ARCHS = ["gemma", "phi3", "olmo2", "gemma2", "gemma3_text"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", *ENGINE_ARCHS]
 ATOL = 1e-5
 
 
@@ -160,5 +168,94 @@ def test_unsupported_architecture_is_refused_by_name():
 
     model = BertLMHeadModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=16, is_decoder=True))
-    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3, gpt2"):
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3, gemma, phi3, olmo2, gemma2, "
+                                                    "gemma3_text, gpt2"):
         build_forward(model)
+
+
+def test_bidirectional_gemma_is_refused():
+    config = GemmaConfig(**{**ARCHITECTURES["gemma"]().to_dict(), "use_bidirectional_attention": True})
+    with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
+        build_forward(AutoModelForCausalLM.from_config(config))
+
+
+def test_longrope_is_served_within_its_short_range_only():
+    """LongRoPE switches factors for a whole forward past original_max_position_embeddings (64 in tiny.py):
+    the engine's context stops there; without LongRoPE, Phi-3 has no such limit."""
+    model = tiny_model("phi3")
+    assert build_forward(model).max_positions == 64
+    adapted = AdaptedModel(model)
+    with pytest.raises(ValueError, match="max_seq_len 65 exceeds the model's 64 positions"):
+        Engine(adapted, build_tokenizer(), None, EngineConfig(max_seq_len=65, max_slots=1))
+    plain = ARCHITECTURES["phi3"]().to_dict()
+    plain.pop("rope_parameters")
+    config = type(model.config)(**{**plain, "rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5}})
+    assert build_forward(AutoModelForCausalLM.from_config(config)).max_positions is None
+
+
+def test_dynamic_rope_is_served_within_the_trained_length_only():
+    """Dynamic-NTK RoPE changes its frequencies with the longest position in a forward: past the trained length,
+    a packed step would couple its sequences, so the engine's context stops there."""
+    config = LlamaConfig(**{**ARCHITECTURES["llama"]().to_dict(),
+                            "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}})
+    model = AutoModelForCausalLM.from_config(config)
+    assert build_forward(model).max_positions == config.max_position_embeddings == 128
+    with pytest.raises(ValueError, match="max_seq_len 129 exceeds the model's 128 positions"):
+        Engine(AdaptedModel(model), build_tokenizer(), None, EngineConfig(max_seq_len=129, max_slots=1))
+    assert build_forward(tiny_model("llama")).max_positions is None
+
+
+def test_peft_lora_on_phi3_fused_layers_batches(tmp_path):
+    """A PEFT LoRA on Phi-3's fused qkv_proj and gate_up_proj (and o_proj, down_proj) loads, and served by our
+    forward next to a base row equals PEFT's own model, prefill and decode."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(4)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS["phi3"])
+    peft_model = peft.get_peft_model(tiny_model("phi3"), config).eval()
+    peft_model.save_pretrained(tmp_path / "phi")
+    model = tiny_model("phi3")
+    adapted = AdaptedModel(model)
+    bound = adapted.bind(load_adapter(tmp_path / "phi"))
+    assert sorted({name.rsplit(".", 1)[-1] for name in bound.modules}) == sorted(TARGETS["phi3"])
+    assert len(bound.modules) == 4 * 2
+    forward = build_forward(model)
+    cache = forward.new_cache(num_slots=2, max_seq_len=32)
+    a, b = prompts([8, 5], seed=6)
+    assign = [(bound, 0), (None, 0)]
+    out = run(forward, adapted, cache, [SeqRun(a.tolist(), 0, 0, False), SeqRun(b.tolist(), 1, 0, False)], assign)
+    a, b = torch.cat([a, torch.tensor([9])]), torch.cat([b, torch.tensor([4])])
+    out2 = run(forward, adapted, cache, [SeqRun([4], 1, 5, True), SeqRun([9], 0, 8, True)], assign[::-1])
+    with torch.no_grad():
+        want_a = peft_model(a[None]).logits[0]
+        with peft_model.disable_adapter():
+            want_b = peft_model(b[None]).logits[0]
+        base_a = tiny_model("phi3")(a[None]).logits[0]
+    torch.testing.assert_close(out, torch.stack([want_a[-2], want_b[-2]]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out2, torch.stack([want_b[-1], want_a[-1]]), atol=ATOL, rtol=0)
+    assert (want_a - base_a).abs().max() > 1e-3  # the adapter does something
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHS)
+def test_engine_mixed_adapter_batch_equals_each_request_alone(arch, tmp_path):
+    """Through the engine and the real AdapterManager: greedy tokens of requests over a LoRA, three tasks of
+    an MTL-LoRA and the base, all in one batch, equal each request served alone (past the sliding windows)."""
+    # peak 2 keeps the top two logits >= 5e-4 apart on these prompts: a peakier head would saturate the tiny
+    # Gemma-2/3's final soft-cap (0.5) into ties
+    adapted = AdaptedModel(lm(arch, peak=2.0))
+    make_adapter("lora", adapted, arch, "lo", tmp_path, seed=1)
+    make_adapter("mtl_lora", adapted, arch, "mt", tmp_path, seed=2)
+    requests = [("lo", "the model adapter"), ("", "ok ok a b"), ("beta", "café 日本"), ("mt/alpha", "the task"),
+                ("gamma", "query answer rank token"), ("lo", "end")]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    sizes = []
+    observer = SimpleNamespace(step=lambda r: sizes.append(r.batch_size), request_finished=lambda r: None)
+    with AdapterManager(adapted, tmp_path) as manager:
+        manager.load_all(strict=True)
+        config = EngineConfig(max_seq_len=64, max_slots=8, observer=observer)
+        with Engine(adapted, build_tokenizer(), manager, config) as eng:
+            alone = [eng.generate(t, p, params, timeout=30).token_ids for t, p in requests]
+            handles = [eng.submit(t, p, params) for t, p in requests]
+            together = [h.result(30).token_ids for h in handles]
+    assert together == alone
+    assert max(sizes) == len(requests)  # they really shared forward passes
+    assert len({tuple(t) for t in alone}) == len(alone)  # every adapter, task and prompt answers differently

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -15,19 +20,35 @@ from transformers import (
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # within the tiny vocabulary
 ARCHITECTURES = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**_COMMON),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2),
+    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=8),
+    # partial RoPE under LongRoPE (as Phi-3.5/Phi-4-mini), and a sliding window shorter than the test prompts
+    "phi3": lambda: Phi3Config(**_COMMON, **_IDS, sliding_window=6, original_max_position_embeddings=64,
+                               rope_scaling={"rope_type": "longrope", "partial_rotary_factor": 0.5,
+                                             "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]}),
+    "olmo2": lambda: Olmo2Config(**_COMMON, **_IDS),
+    # caps low enough to bend the tiny model's small scores; a sliding then a full layer; scaling != head_dim**-0.5
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=2,
+                                   attn_logit_softcapping=0.1, final_logit_softcapping=0.5),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=2, final_logit_softcapping=0.5,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
 # the linear layers PEFT targets by default, per architecture
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-for _name in ("mistral", "qwen2", "qwen3"):
+TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+for _name in ("mistral", "qwen2", "qwen3", "gemma", "olmo2", "gemma2", "gemma3_text"):
     TARGETS[_name] = TARGETS["llama"]
 
 

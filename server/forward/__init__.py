@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import gpt2, llama
+from . import gemma2, gpt2, llama, olmo2, phi3
 from .base import CausalLMForward, UnsupportedModelError
 from .step import SeqRun, StepInput, attend, build_step
 
 _FORWARDS = {
     **{t: llama.LlamaFamilyForward for t in llama.MODEL_TYPES},
+    **{t: phi3.Phi3Forward for t in phi3.MODEL_TYPES},
+    **{t: olmo2.Olmo2Forward for t in olmo2.MODEL_TYPES},
+    **{t: gemma2.Gemma2Forward for t in gemma2.MODEL_TYPES},
     **{t: gpt2.GPT2Forward for t in gpt2.MODEL_TYPES},
 }
 SUPPORTED_MODEL_TYPES = tuple(_FORWARDS)

@@ -31,7 +31,7 @@ class CausalLMForward(ABC):
     num_layers: int
     kv_heads: int
     head_dim: int
-    max_positions: int | None  # a hard position limit (learned position embeddings), or None
+    max_positions: int | None  # a hard position limit (learned positions, LongRoPE's short range), or None
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         param = next(self.model.parameters())

@@ -120,10 +120,11 @@ def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dty
 
 
 def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           scale: float, window: int | None = None) -> torch.Tensor:
+           scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Write this step's K/V into the cache and attend. q [N, H, d], k/v [N, KV, d] -> [N, H, d].
 
     window: sliding-window attention (a key at position j is visible from position i iff i - window < j <= i).
+    softcap: attention logit soft-capping (Gemma-2), which SDPA cannot do: see `_capped_attention`.
     """
     kc, vc = cache.k[layer], cache.v[layer]  # [slots, KV, S, d]
     out = torch.empty_like(q)
@@ -138,11 +139,13 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         # grouped-query attention without expanding K/V: the G = H / KV query heads that share a KV head
         # take the place of the query-length dimension (one new token each, so no causal mask is needed)
         kv_heads = kc.shape[1]
-        o = F.scaled_dot_product_attention(
-            qd.reshape(n, kv_heads, -1, qd.shape[-1]),  # [n, KV, G, d]
-            kc[:n, :, :length], vc[:n, :, :length],  # [n, KV, L, d]
-            attn_mask=step.decode_mask(window), scale=scale,
-        ).reshape(qd.shape)  # [n, H, d]
+        qg = qd.reshape(n, kv_heads, -1, qd.shape[-1])  # [n, KV, G, d]
+        keys, values = kc[:n, :, :length], vc[:n, :, :length]  # [n, KV, L, d]
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.decode_mask(window), scale=scale)
+        else:
+            o = _capped_attention(qg, keys, values, step.decode_mask(window), scale, softcap)
+        o = o.reshape(qd.shape)  # [n, H, d]
         if rows is None:
             out[:n] = o
         else:
@@ -158,12 +161,32 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         else:
             keys, values = kc[seg.slot, :, :end][None], vc[seg.slot, :, :end][None]
         mask = _segment_mask(seg, window, q.device)
-        o = F.scaled_dot_product_attention(
-            q[r].transpose(0, 1)[None], keys, values,  # [1, H, T, d]
-            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
-        )  # [1, H, T, d]
-        out[r] = o[0].transpose(0, 1)
+        if softcap is None:
+            o = F.scaled_dot_product_attention(
+                q[r].transpose(0, 1)[None], keys, values,  # [1, H, T, d]
+                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+            )[0]  # [H, T, d]
+        else:
+            if mask is None:
+                mask = torch.ones(seg.length, seg.length, dtype=torch.bool, device=q.device).tril()
+            kv_heads, d = keys.shape[1], q.shape[-1]
+            qg = q[r].transpose(0, 1).reshape(kv_heads, -1, seg.length, d)  # [KV, G, T, d]
+            o = _capped_attention(qg, keys[0, :, None], values[0, :, None], mask, scale, softcap)
+            o = o.reshape(-1, seg.length, d)  # [H, T, d]
+        out[r] = o.transpose(0, 1)
     return out
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      softcap: float) -> torch.Tensor:
+    """Attention whose scores are soft-capped, softcap * tanh(scores / softcap), before the mask, as HF's
+    eager Gemma-2 attention does. q [..., G, T, d], k/v [..., 1 or G, S, d] (KV heads broadcast over their
+    G query heads), mask broadcastable to [..., G, T, S] (True = attend); every query sees some key."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _segment_mask(seg: Segment, window: int | None, device: torch.device) -> torch.Tensor | None:
