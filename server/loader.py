@@ -70,7 +70,21 @@ def load_base(path_or_hub_id: str, device: str = "auto", dtype: str | torch.dtyp
         raise ModelLoadError(f"cannot load the tokenizer from {path_or_hub_id!r}: {exc}") from exc
     model = model.to(target).eval()
     model.requires_grad_(False)
+    _own_the_weights(model)
     return model, tokenizer
+
+
+@torch.no_grad()
+def _own_the_weights(model: nn.Module) -> None:
+    """Copy CPU weights that still live in a memory map of the checkpoint into memory of their own.
+
+    transformers leaves CPU weights memory-mapped from the safetensors files: a file rewritten in place would
+    change what a running server computes, and one truncated would kill it with SIGBUS at its next forward.
+    The copy costs one pass over the weights at start. Tied weights stay tied (each Parameter once).
+    """
+    for param in model.parameters():  # unique Parameter objects: a tied head and embedding are one
+        if param.device.type == "cpu":
+            param.data = param.data.clone()
 
 
 __all__ = ["DTYPES", "ModelLoadError", "SUPPORTED_MODEL_TYPES", "load_base", "resolve_device", "resolve_dtype"]

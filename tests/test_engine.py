@@ -542,6 +542,23 @@ def test_load_base_round_trip(tmp_path):
     assert model.dtype == torch.bfloat16
 
 
+def test_loaded_base_weights_do_not_follow_the_files(tmp_path):
+    """A checkpoint rewritten in place (or truncated: SIGBUS) must not reach a served model's weights."""
+    from loraplex.server.loader import load_base
+
+    lm("gpt2").save_pretrained(tmp_path)  # GPT-2: its head is tied to the input embedding
+    build_tokenizer().save_pretrained(tmp_path)
+    model, _ = load_base(str(tmp_path), device="cpu", dtype="float32")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as f:  # same size, every tensor's bytes changed: what `cp new old` does
+        f.seek(4096)
+        f.write(bytes(range(256)) * ((weights.stat().st_size - 4096) // 256))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embed.weight  # tied weights stay tied
+
+
 def test_load_base_errors_say_what_is_wrong(tmp_path):
     from transformers import BertConfig
 
