@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the engine's dtype (base model and bound adapters; the peers stay float32)")
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
@@ -120,7 +122,7 @@ def main() -> None:
     fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
     adapter_dir = fixture / "adapters"
     names = sorted(p.name for p in adapter_dir.glob("lora-*"))
-    model, tokenizer = load_base(str(fixture / "base"), device="cpu", dtype="float32")
+    model, tokenizer = load_base(str(fixture / "base"), device="cpu", dtype=a.dtype)
     adapted = AdaptedModel(model)
     vocab = model.config.vocab_size
     rows = []
