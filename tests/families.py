@@ -15,7 +15,10 @@ TASKS = ["alpha", "beta", "gamma"]
 # widths differ, as GPT-2's attn.c_proj and mlp.c_proj do)
 FAMILY_TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}
 FAMILY_TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # fused q/k/v and gate/up
-for _arch in ("mistral", "qwen2", "qwen3", "gemma", "olmo2", "gemma2", "gemma3_text"):
+FAMILY_TARGETS["gpt_neox"] = TARGETS["gpt_neox"]  # fused per-head q/k/v
+FAMILY_TARGETS["starcoder2"] = ["q_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
+FAMILY_TARGETS["phi"] = ["q_proj", "v_proj", "dense", "fc1", "fc2"]
+for _arch in ("mistral", "qwen2", "qwen3", "gemma", "olmo2", "gemma2", "gemma3_text", "granite", "stablelm"):
     FAMILY_TARGETS[_arch] = FAMILY_TARGETS["llama"]
 
 

@@ -20,7 +20,8 @@ from loraplex.server.manager import AdapterManager
 from loraplex.server.request import SamplingParams
 
 # these also go through the engine here (test_engine.py serves llama and gpt2)
-ENGINE_ARCHS = ["gemma", "phi3", "olmo2", "gemma2", "gemma3_text"]
+ENGINE_ARCHS = ["gemma", "phi3", "olmo2", "gemma2", "gemma3_text", "granite", "stablelm", "gpt_neox", "starcoder2",
+                "phi"]
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", *ENGINE_ARCHS]
 ATOL = 1e-5
 
@@ -102,6 +103,31 @@ def test_prompt_in_two_chunks_equals_one(setup):
     torch.testing.assert_close(out, hf_logits(model, adapted, p, (lora, 0))[6:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch, options", [
+    ("stablelm", dict(use_parallel_residual=False, qk_layernorm=False, use_qkv_bias=False)),  # StableLM-3B/2-1.6B
+    ("gpt_neox", dict(use_parallel_residual=False)),
+    ("phi", dict(qk_layernorm=False)),  # Phi-1/1.5/2
+], ids=["stablelm-sequential", "gpt_neox-sequential", "phi-no-qk-norm"])
+def test_optional_layouts_match_hf(arch, options):
+    """The other side of each option the tiny.py config sets: prefill then decode equal HF's forward."""
+    torch.manual_seed(0)
+    config = ARCHITECTURES[arch]()
+    for key, value in options.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    adapted = AdaptedModel(model)
+    forward = build_forward(model)
+    cache = forward.new_cache(num_slots=2, max_seq_len=32)
+    a, b = prompts([7, 4], seed=8)
+    out = run(forward, adapted, cache, [SeqRun(a.tolist(), 0, 0, False), SeqRun(b.tolist(), 1, 0, False)],
+              [(None, 0)] * 2, all_rows=True)
+    torch.testing.assert_close(out[:7], hf_logits(model, adapted, a), atol=ATOL, rtol=0)
+    a, b = torch.cat([a, torch.tensor([5])]), torch.cat([b, torch.tensor([6])])
+    out = run(forward, adapted, cache, [SeqRun([6], 1, 4, True), SeqRun([5], 0, 7, True)], [(None, 0)] * 2)
+    torch.testing.assert_close(out, torch.stack([hf_logits(model, adapted, b)[-1], hf_logits(model, adapted, a)[-1]]),
+                               atol=ATOL, rtol=0)
+
+
 def test_sliding_window_matches_hf():
     torch.manual_seed(0)
     config = MistralConfig(**{**ARCHITECTURES["llama"]().to_dict(), "sliding_window": 4, "model_type": "mistral"})
@@ -169,7 +195,8 @@ def test_unsupported_architecture_is_refused_by_name():
     model = BertLMHeadModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=16, is_decoder=True))
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3, gemma, phi3, olmo2, gemma2, "
-                                                    "gemma3_text, gpt2"):
+                                                    "gemma3_text, gpt2, granite, stablelm, gpt_neox, "
+                                                    "starcoder2, phi"):
         build_forward(model)
 
 

@@ -104,7 +104,8 @@ def test_every_architecture_serves_a_mixed_batch(arch, tmp_path):
         with torch.no_grad(), adapted.batch([assignment], len(seq)):
             alone = adapted.model(seq[None]).logits[0]
         assert (batch[i, : len(seq)] - alone).abs().max() <= 1e-5
-    expected_layers = {"gpt2": 4 * 2, "phi3": 4 * 2}.get(arch, 7 * 2)  # fused c_attn, qkv_proj, gate_up_proj
+    # fused c_attn, qkv_proj, gate_up_proj, query_key_value; two-matrix MLPs (GPT-NeoX, StarCoder2, Phi)
+    expected_layers = 2 * {"gpt2": 4, "phi3": 4, "gpt_neox": 4, "starcoder2": 6, "phi": 6}.get(arch, 7)
     assert len(adapted.layers) == expected_layers
 
 

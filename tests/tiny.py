@@ -9,12 +9,17 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     Olmo2Config,
     Phi3Config,
+    PhiConfig,
     Qwen2Config,
     Qwen3Config,
+    StableLmConfig,
+    Starcoder2Config,
 )
 
 VOCAB = 96
@@ -41,6 +46,19 @@ ARCHITECTURES = {
         query_pre_attn_scalar=2, final_logit_softcapping=0.5,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # every scalar away from 1 (attention_multiplier != head_dim ** -0.5)
+    "granite": lambda: GraniteConfig(**_COMMON, **_IDS, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                     attention_multiplier=0.2, logits_scaling=2.0),
+    # StableLM-2-12B's options: parallel residual, per-head q/k LayerNorms, q/k/v biases; partial RoPE
+    "stablelm": lambda: StableLmConfig(**_COMMON, **_IDS, use_parallel_residual=True, qk_layernorm=True,
+                                       use_qkv_bias=True, partial_rotary_factor=0.5),
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128, **_IDS,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                       "partial_rotary_factor": 0.5}),
+    # a sliding window shorter than the test prompts
+    "starcoder2": lambda: Starcoder2Config(**_COMMON, **_IDS, sliding_window=6),
+    "phi": lambda: PhiConfig(**_COMMON, **_IDS, partial_rotary_factor=0.5, qk_layernorm=True),
 }
 # the linear layers PEFT targets by default, per architecture
 TARGETS = {
@@ -48,7 +66,10 @@ TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-for _name in ("mistral", "qwen2", "qwen3", "gemma", "olmo2", "gemma2", "gemma3_text"):
+TARGETS["gpt_neox"] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+TARGETS["starcoder2"] = ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
+TARGETS["phi"] = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+for _name in ("mistral", "qwen2", "qwen3", "gemma", "olmo2", "gemma2", "gemma3_text", "granite", "stablelm"):
     TARGETS[_name] = TARGETS["llama"]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import gemma2, gpt2, llama, olmo2, phi3
+from . import gemma2, gpt2, gpt_neox, granite, llama, olmo2, phi, phi3, stablelm, starcoder2
 from .base import CausalLMForward, UnsupportedModelError
 from .step import SeqRun, StepInput, attend, build_step
 
@@ -21,6 +21,11 @@ _FORWARDS = {
     **{t: olmo2.Olmo2Forward for t in olmo2.MODEL_TYPES},
     **{t: gemma2.Gemma2Forward for t in gemma2.MODEL_TYPES},
     **{t: gpt2.GPT2Forward for t in gpt2.MODEL_TYPES},
+    **{t: granite.GraniteForward for t in granite.MODEL_TYPES},
+    **{t: stablelm.StableLmForward for t in stablelm.MODEL_TYPES},
+    **{t: gpt_neox.GPTNeoXForward for t in gpt_neox.MODEL_TYPES},
+    **{t: starcoder2.Starcoder2Forward for t in starcoder2.MODEL_TYPES},
+    **{t: phi.PhiForward for t in phi.MODEL_TYPES},
 }
 SUPPORTED_MODEL_TYPES = tuple(_FORWARDS)
 

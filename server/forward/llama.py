@@ -1,6 +1,6 @@
 """Forward of the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma) over the slot KV cache, built from HF's
 modules. Architectures that differ only in the block's norms or in how q/k/v are projected subclass it
-(phi3.py, olmo2.py, gemma2.py)."""
+(phi3.py, olmo2.py, gemma2.py, granite.py, stablelm.py, starcoder2.py, phi.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class LlamaFamilyForward(CausalLMForward):
     """
 
     rotate = staticmethod(apply_rotary_pos_emb)  # (q, k, cos, sin, unsqueeze_dim) -> (q, k)
+    final_norm = "norm"  # the name of the inner model's final norm
+    output_proj = "o_proj"  # the attention's output projection (Phi: dense)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -38,7 +40,7 @@ class LlamaFamilyForward(CausalLMForward):
                                         "not a causal LM that loraplex serves")
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
-        self.norm = inner.norm
+        self.norm = getattr(inner, self.final_norm)
         self.rotary = inner.rotary_emb
         attn = self.layers[0].self_attn
         self.num_layers = len(self.layers)
@@ -76,7 +78,7 @@ class LlamaFamilyForward(CausalLMForward):
         q, k, v = self.qkv(attn, x)
         q, k = self.rotate(q, k, *rope, unsqueeze_dim=1)
         o = attend(step, cache, i, q, k, v, attn.scaling, self.windows[i], self.softcaps[i])  # [N, H, d]
-        return attn.o_proj(o.reshape(x.shape[0], -1))
+        return getattr(attn, self.output_proj)(o.reshape(x.shape[0], -1))
 
     def qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [N, H, d], k and v [N, KV, d], before RoPE."""
