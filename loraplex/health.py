@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 
 from .envflags import env_name
 
@@ -18,7 +19,7 @@ DEFAULT_PORT = 50051
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 
 
-def default_address(environ: dict[str, str] | os._Environ = os.environ) -> str:
+def default_address(environ: Mapping[str, str] = os.environ) -> str:
     """127.0.0.1 (or $LORAPLEX_HOST when it names one interface) on $LORAPLEX_PORT (default 50051)."""
     host = environ.get(env_name("host"), "").strip()
     port = environ.get(env_name("port"), "").strip() or str(DEFAULT_PORT)

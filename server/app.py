@@ -47,6 +47,13 @@ log = logging.getLogger("loraplex")
 
 GAUGE_REFRESH_S = 1.0  # queue depth, running requests and adapter residency are also refreshed this often
 WARMUP_TIMEOUT_S = 600.0
+# the values of the options that take one of a few (the flags' choices, and what `ServeOptions.check` accepts)
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "merge_mode": ("auto", "merge", "batch"),
+    "grouped_kernels": ("auto", "torch"),
+}
 
 
 @dataclass
@@ -89,8 +96,7 @@ class ServeOptions:
         for flag in ("max_queued_requests", "max_batch_size", "max_prefill_tokens", "device_adapters"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-        for flag, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16", "float16")),
-                              ("merge_mode", ("auto", "merge", "batch")), ("grouped_kernels", ("auto", "torch"))):
+        for flag, allowed in CHOICES.items():
             if getattr(self, flag) not in allowed:
                 raise ValueError(f"--{flag.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.shutdown_grace < 0:
@@ -465,9 +471,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (default %(default)s; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="Prometheus /metrics HTTP port (default %(default)s; 0 picks a free one; -1 disables)")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default=d.device, choices=CHOICES["device"],
                    help="compute device of the model and adapters (auto: cuda when present)")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=d.dtype, choices=CHOICES["dtype"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--auth-token", metavar="TOKEN", help="require 'authorization: Bearer TOKEN' on every RPC but "
                    "health checks (default: none, no auth)")
@@ -494,10 +500,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="adapters resident on the device at once, LRU (default %(default)s)")
     p.add_argument("--host-adapters", type=int, metavar="N",
                    help="adapters kept in host memory, LRU (default: max(64, --device-adapters))")
-    p.add_argument("--merge-mode", default=d.merge_mode, choices=["auto", "merge", "batch"],
+    p.add_argument("--merge-mode", default=d.merge_mode, choices=CHOICES["merge_mode"],
                    help="when every running request uses one mergeable adapter, merge it into the weights: after "
                    "16 such steps in a row (auto), at once (merge), or never (batch)")
-    p.add_argument("--grouped-kernels", default=d.grouped_kernels, choices=["auto", "torch"],
+    p.add_argument("--grouped-kernels", default=d.grouped_kernels, choices=CHOICES["grouped_kernels"],
                    help="multi-adapter decode steps on CUDA: Triton kernels when triton is installed, checked "
                    "against the plain-torch path at first use (auto), or plain torch only (torch)")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
