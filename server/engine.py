@@ -23,6 +23,7 @@ import torch
 
 from ..adapters import AdaptedModel, AdapterError, BoundAdapter
 from ..adapters.errors import UnknownTaskError
+from . import cpu_threads
 from .detokenize import Detokenizers, TextStream
 from .forward import SeqRun, build_forward, build_step
 from .kv_cache import KVCache, SlotTable
@@ -161,6 +162,7 @@ class Engine:
         self._next_id = 0
         self._steps = 0
         self._homogeneous = (None, 0)  # (group key, consecutive steps) for merge_mode "auto"
+        self._threads = torch.get_num_threads()  # the constructing thread's setting, which the loop takes
 
     def _num_slots(self) -> int:
         per_slot = KVCache.bytes_per_token(self.forward.num_layers, self.forward.kv_heads, self.forward.head_dim,
@@ -179,6 +181,7 @@ class Engine:
             if self._thread is not None:
                 raise RuntimeError("the engine was already started")
             self._accepting = True
+            cpu_threads.release_pool()  # this thread's OpenMP workers would make the loop's sleep (cpu_threads.py)
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
 
@@ -293,6 +296,7 @@ class Engine:
             self._lock.notify_all()
 
     def _loop(self) -> None:
+        cpu_threads.set_threads(self._threads)
         try:
             while True:
                 with self._lock:

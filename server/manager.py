@@ -46,6 +46,7 @@ from ..adapters import AdaptedModel, Adapter, AdapterError, BoundAdapter, load_a
 from ..adapters.base import check_name
 from ..adapters.errors import AdapterFormatError
 from ..adapters.io import CONFIG_FILE, WEIGHTS_FILE
+from . import cpu_threads
 from .tasks import TaskRoute, TaskTable, routes_of
 
 __all__ = [
@@ -190,7 +191,9 @@ class AdapterManager:
         self._retired_bound: set[_Entry] = set()  # retired versions whose device copy is still leased
         self._reserved = 0  # device slots held by background loads that are binding
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="loraplex-adapter-load")
+        # one torch thread each: a worker with an OpenMP pool of its own would slow the engine (cpu_threads.py)
+        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="loraplex-adapter-load",
+                                        initializer=cpu_threads.set_threads, initargs=(1,))
 
     # ------------------------------------------------------------------ registration
     def load_all(self, *, strict: bool = False) -> list[AdapterInfo]:
@@ -232,7 +235,8 @@ class AdapterManager:
         """
         start = time.perf_counter()
         try:
-            info = self._load(name, path, replace)
+            with cpu_threads.one_thread():  # called from any thread: it must not get an OpenMP pool for this
+                info = self._load(name, path, replace)
         except Exception as exc:
             self._emit([("load", {"adapter": name, "result": "error", "seconds": time.perf_counter() - start,
                                   "tier": "disk", "source": "admin", "from": "disk",

@@ -18,6 +18,7 @@ from tiny import prompts, right_padded, tiny_model
 import loraplex.server.manager as manager_module
 from loraplex.adapters import AdaptedModel, AdapterError, AdapterFormatError, UnknownTaskError, adapter_class
 from loraplex.adapters.io import WEIGHTS_FILE
+from loraplex.server import cpu_threads
 from loraplex.server.manager import (
     AdapterCapacityError,
     AdapterExistsError,
@@ -255,6 +256,35 @@ def test_background_load_does_not_block(adapted, root, monkeypatch):
         assert isinstance(cold, Lease) and cold.name == "cold"
         cold.release()
         lease.release()
+
+
+@pytest.mark.skipif(not cpu_threads.uses_openmp(), reason="torch does not run on OpenMP here")
+def test_adapter_reads_run_on_one_torch_thread(adapted, root, monkeypatch):
+    """Foreground and background reads run single-threaded, so that no thread but the engine's gets an OpenMP
+    pool (server/cpu_threads.py), and the caller's own thread count is left as it was."""
+    counts: list[tuple[str, int]] = []
+    real = manager_module.load_adapter
+
+    def counting_load(path, name=None):
+        counts.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(path, name)
+
+    def run() -> int:
+        torch.set_num_threads(2)
+        with make(adapted, root, ["warm", "filler", "cold", "late"], device_capacity=2, host_capacity=3) as m:
+            monkeypatch.setattr(manager_module, "load_adapter", counting_load)
+            for name in ["warm", "filler", "cold", "late"]:
+                m.load(name, name)  # cold: host, then pushed off by late
+            assert m.acquire("cold") is None and m.wait_resident("cold", WAIT)  # read again in the background
+        return torch.get_num_threads()
+
+    out: list[int] = []
+    thread = threading.Thread(target=lambda: out.append(run()), name="caller")
+    thread.start()
+    thread.join()
+    assert out == [2], "the caller's thread count was not restored"
+    assert [c for _, c in counts] == [1] * 5
+    assert {name for name, _ in counts} - {"caller"}, "no background read happened"
 
 
 def test_failed_background_load_surfaces_and_isolates(adapted, root):
