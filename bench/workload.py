@@ -1,7 +1,7 @@
 """Workload W of BENCHMARK.md, run in-process on the engine and on the peers, side by side in one run.
 
 usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135] [--rank 16]
-                                [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2]
+                                [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2] [--rounds 1]
 Prints one JSON line per measurement and a markdown table for BENCHMARKS.md.
 """
 
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="run every engine scenario this many times, in rotation, "
+                    "and report the run of median throughput (the peers run once)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the engine's dtype (base model and bound adapters; the peers stay float32)")
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
@@ -131,22 +133,34 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
+    jobs = []  # (scenario label, run): every engine measurement, run once per round
     for scenario in scenarios:
         k = SCENARIOS[scenario]
         if scenario == "zipf1000":
             many = many_adapters(fixture, 1000)
             tasks = zipf_names(sorted(p.name for p in many.iterdir()), a.zipf_requests)
             ids = prompts(a.zipf_requests, a.prompt_len, vocab)
-            emit({"system": "loraplex", "scenario": scenario,
-                  **run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32)})
+            jobs.append((scenario, lambda many=many, tasks=tasks, ids=ids:
+                         run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32)))
             continue
         ids = prompts(a.requests, a.prompt_len, vocab)
         tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
         for mode in a.merge_modes.split(","):
-            label = scenario if mode == "auto" else f"{scenario} ({mode})"
-            emit({"system": "loraplex", "scenario": label,
-                  **run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
-                               device_capacity=max(k, 1), merge_mode=mode)})
+            jobs.append((scenario if mode == "auto" else f"{scenario} ({mode})",
+                         lambda k=k, tasks=tasks, ids=ids, mode=mode:
+                         run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
+                                    device_capacity=max(k, 1), merge_mode=mode)))
+    runs: dict[str, list[dict]] = {label: [] for label, _ in jobs}
+    for round_ in range(a.rounds):  # rounds rotate through the scenarios, so drift on a shared machine hits all
+        for label, job in jobs:
+            runs[label].append(job())
+            if a.rounds > 1:
+                print(json.dumps({"round": round_ + 1, "scenario": label, "tok_per_s": round(runs[label][-1]["tok_per_s"], 2)}),
+                      flush=True)
+    for label, measured in runs.items():
+        median = sorted(measured, key=lambda r: r["tok_per_s"])[(len(measured) - 1) // 2]
+        emit({"system": "loraplex", "scenario": label, **median,
+              **({"tok_per_s_rounds": [round(r["tok_per_s"], 1) for r in measured]} if a.rounds > 1 else {})})
     emit({"system": "loraplex", "scenario": "cold_load", **cold_load(adapted, adapter_dir, names[:20])})
     del adapted, model
     ids = prompts(a.requests, a.prompt_len, vocab)
