@@ -39,6 +39,9 @@ class PaddedRows:
     groups: int
     width: int  # m
     index: torch.Tensor  # [num_rows] int32: the group of each row, -1 where none (the kernels' layout)
+    # when group g owns exactly rows start + g*m ... start + (g+1)*m - 1 (the engine puts decode rows first,
+    # grouped; equal groups are common), `start`: then [G, m, d] is a view of the rows and nothing is gathered
+    block_start: int | None = None
 
     @staticmethod
     def build(group_rows: list[torch.Tensor], device: torch.device | str, num_rows: int | None = None) -> "PaddedRows":
@@ -53,8 +56,11 @@ class PaddedRows:
         all_rows = torch.cat(rows)
         index = torch.full((int(all_rows.max()) + 1 if num_rows is None else num_rows,), -1, dtype=torch.int32)
         index[all_rows] = torch.cat([torch.full((len(r),), g, dtype=torch.int32) for g, r in enumerate(group_rows)])
+        start = int(all_rows[0])
+        block = all(len(r) == width for r in group_rows) and torch.equal(
+            all_rows, torch.arange(start, start + len(all_rows)))
         return PaddedRows(gather.reshape(-1).to(device), torch.cat(valid).to(device), all_rows.to(device),
-                          len(group_rows), width, index.to(device))
+                          len(group_rows), width, index.to(device), start if block else None)
 
 
 class LowRankStacks:
@@ -101,8 +107,14 @@ def grouped_delta(x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], pl
 def add_grouped_delta(out: torch.Tensor, x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor],
                       plan: PaddedRows) -> None:
     """out [n, d_out] += the delta of every stacked group, in place: Triton kernels on CUDA when triton is
-    importable, else `grouped_delta`'s two padded `bmm`s."""
+    importable; else two `bmm`s, straight on views of the rows when they form a block (`PaddedRows.block_start`),
+    or over `grouped_delta`'s padded copy."""
+    a_stack, b_stack = stacks
     if kernels.uses_triton(x):
-        kernels.lowrank_delta(x, plan.index, stacks[0], stacks[1], out)
+        kernels.lowrank_delta(x, plan.index, a_stack, b_stack, out)
+    elif plan.block_start is not None and out.dtype == b_stack.dtype and out.is_contiguous():
+        rows = slice(plan.block_start, plan.block_start + plan.groups * plan.width)
+        u = torch.bmm(x[rows].reshape(plan.groups, plan.width, -1), a_stack.transpose(1, 2))  # [G, m, r]
+        out[rows].view(plan.groups, plan.width, -1).baddbmm_(u, b_stack.transpose(1, 2))  # += [G, m, d_out]
     else:
         out.index_add_(0, plan.rows, grouped_delta(x, stacks, plan).to(out.dtype))

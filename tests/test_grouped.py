@@ -29,6 +29,22 @@ def test_stacked_decode_step_equals_the_reference_loop(arch, tmp_path):
     assert [g.adapter.adapter.adapter_type for g in ctx.groups] == ["r_lora"]
 
 
+def test_equal_consecutive_groups_are_served_in_place(tmp_path):
+    """Decode rows grouped in equal runs (the engine's order) take the block path: views of the rows, no
+    gather or scatter; it equals the per-group reference loop."""
+    adapted = AdaptedModel(tiny_model("llama"))
+    bound = [adapted.bind(make_adapter("lora", adapted, "llama", f"l{i}", tmp_path, seed=i)) for i in range(3)]
+    plan = [(b, 0) for b in bound for _ in range(2)] + [(None, 0)]
+    ids = torch.stack(prompts([1] * len(plan), seed=5))
+    results = {}
+    for stacked in (False, True):
+        adapted.stacked = stacked
+        with torch.no_grad(), adapted.batch(plan, 1) as ctx:
+            results[stacked] = adapted.model(ids).logits
+    assert ctx.stacked is not None and ctx.stacked.plan.block_start == 0
+    assert (results[True] - results[False]).abs().max() <= 1e-5
+
+
 def test_large_groups_and_training_use_the_loop(tmp_path):
     adapted = AdaptedModel(tiny_model("llama"))
     a, b = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path)) for n in "ab")
@@ -45,3 +61,6 @@ def test_padded_rows_layout():
     assert plan.gather.tolist() == [4, 0, 0, 2, 0, 0, 1, 3, 5]
     assert plan.valid.tolist() == [0, 1, 3, 6, 7, 8]
     assert plan.rows.tolist() == [4, 0, 2, 1, 3, 5]
+    assert plan.block_start is None  # unequal groups: gathered into the padded layout
+    assert PaddedRows.build([torch.tensor([2, 3]), torch.tensor([4, 5])], "cpu").block_start == 2
+    assert PaddedRows.build([torch.tensor([2, 3]), torch.tensor([5, 6])], "cpu").block_start is None  # a gap
