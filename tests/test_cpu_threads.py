@@ -85,3 +85,23 @@ def test_engine_keeps_the_thread_count_it_was_built_with():
     with engine:
         engine.generate("", [5, 6, 7], SamplingParams(max_new_tokens=2, ignore_eos=True), timeout=30)
     assert seen and set(seen) == {2}
+
+
+@needs_openmp
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task lists threads on Linux")
+def test_starting_the_engine_ends_the_starting_threads_openmp_workers():
+    adapted = AdaptedModel(tiny_model("llama"))
+
+    def run() -> tuple[set[int], set[int]]:
+        torch.set_num_threads(2)
+        before = task_ids()
+        torch.ones(1 << 22).mul_(2.0)  # as a model load does: this thread now has a pool of workers
+        workers = task_ids() - before
+        with Engine(adapted, build_tokenizer(), None, EngineConfig(max_seq_len=32, max_slots=2)) as engine:
+            engine.generate("", [5, 6, 7], SamplingParams(max_new_tokens=2, ignore_eos=True), timeout=30)
+            return workers, task_ids() & workers
+
+    if not cpu_threads.release_pool():
+        pytest.skip("no libgomp with omp_pause_resource_all in this process")
+    workers, left = in_thread(run)
+    assert workers and not left
