@@ -420,6 +420,9 @@ class BackgroundServer:
         return self.server.address
 
     def start(self, timeout: float = 120.0) -> "BackgroundServer":
+        from . import cpu_threads
+
+        cpu_threads.release_pool()  # the caller's OpenMP workers (from training, say) would slow the engine
         self._thread.start()
         try:
             self.call(self.server.start(), timeout)

@@ -105,3 +105,26 @@ def test_starting_the_engine_ends_the_starting_threads_openmp_workers():
         pytest.skip("no libgomp with omp_pause_resource_all in this process")
     workers, left = in_thread(run)
     assert workers and not left
+
+
+@needs_openmp
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task lists threads on Linux")
+def test_starting_a_background_server_ends_the_callers_openmp_workers():
+    """As `loraplex demo` does: train on this thread, then serve from it."""
+    from servers import options, start
+
+    def run() -> tuple[set[int], set[int]]:
+        torch.set_num_threads(2)
+        before = task_ids()
+        torch.ones(1 << 22).mul_(2.0)
+        workers = task_ids() - before
+        server = start(options())
+        try:
+            return workers, task_ids() & workers
+        finally:
+            server.stop(grace=0)
+
+    if not cpu_threads.release_pool():
+        pytest.skip("no libgomp with omp_pause_resource_all in this process")
+    workers, left = in_thread(run)
+    assert workers and not left
