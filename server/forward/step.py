@@ -124,7 +124,7 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
     """Write this step's K/V into the cache and attend. q [N, H, d], k/v [N, KV, d] -> [N, H, d].
 
     window: sliding-window attention (a key at position j is visible from position i iff i - window < j <= i).
-    softcap: attention logit soft-capping (Gemma-2), which SDPA cannot do: see `_capped_attention`.
+    softcap: attention logit soft-capping (Gemma-2), which SDPA cannot do: see `_explicit_attention`.
     """
     kc, vc = cache.k[layer], cache.v[layer]  # [slots, KV, S, d]
     out = torch.empty_like(q)
@@ -141,10 +141,10 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         kv_heads = kc.shape[1]
         qg = qd.reshape(n, kv_heads, -1, qd.shape[-1])  # [n, KV, G, d]
         keys, values = kc[:n, :, :length], vc[:n, :, :length]  # [n, KV, L, d]
-        if softcap is None:
+        if softcap is None and not (q.device.type == "cpu" and q.dtype == torch.float32):
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.decode_mask(window), scale=scale)
-        else:
-            o = _capped_attention(qg, keys, values, step.decode_mask(window), scale, softcap)
+        else:  # on CPU in fp32, two matmuls beat SDPA's flash kernel at these shapes (1.4-2.4x; docs/design.md §2)
+            o = _explicit_attention(qg, keys, values, step.decode_mask(window), scale, softcap)
         o = o.reshape(qd.shape)  # [n, H, d]
         if rows is None:
             out[:n] = o
@@ -171,19 +171,21 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
                 mask = torch.ones(seg.length, seg.length, dtype=torch.bool, device=q.device).tril()
             kv_heads, d = keys.shape[1], q.shape[-1]
             qg = q[r].transpose(0, 1).reshape(kv_heads, -1, seg.length, d)  # [KV, G, T, d]
-            o = _capped_attention(qg, keys[0, :, None], values[0, :, None], mask, scale, softcap)
+            o = _explicit_attention(qg, keys[0, :, None], values[0, :, None], mask, scale, softcap)
             o = o.reshape(-1, seg.length, d)  # [H, T, d]
         out[r] = o.transpose(0, 1)
     return out
 
 
-def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                      softcap: float) -> torch.Tensor:
-    """Attention whose scores are soft-capped, softcap * tanh(scores / softcap), before the mask, as HF's
-    eager Gemma-2 attention does. q [..., G, T, d], k/v [..., 1 or G, S, d] (KV heads broadcast over their
-    G query heads), mask broadcastable to [..., G, T, S] (True = attend); every query sees some key."""
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                        softcap: float | None) -> torch.Tensor:
+    """Attention as two matmuls, for what SDPA cannot do (soft-capped scores, softcap * tanh(scores / softcap),
+    before the mask, as HF's eager Gemma-2 attention does) or does slower (fp32 decode on CPU).
+    q [..., G, T, d], k/v [..., 1 or G, S, d] (KV heads broadcast over their G query heads), mask broadcastable
+    to [..., G, T, S] (True = attend); every query sees some key."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
