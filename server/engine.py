@@ -181,7 +181,7 @@ class Engine:
             if self._thread is not None:
                 raise RuntimeError("the engine was already started")
             self._accepting = True
-            cpu_threads.release_pool()  # this thread's OpenMP workers would make the loop's sleep (cpu_threads.py)
+            cpu_threads.release_pool()  # else this thread's OpenMP workers make the loop's sleep (cpu_threads.py)
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
 
