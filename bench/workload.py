@@ -153,9 +153,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {label: [] for label, _ in jobs}
     for round_ in range(a.rounds):  # rounds rotate through the scenarios, so drift on a shared machine hits all
         for label, job in jobs:
-            runs[label].append(job())
+            result = job()
+            runs[label].append(result)
             if a.rounds > 1:
-                print(json.dumps({"round": round_ + 1, "scenario": label, "tok_per_s": round(runs[label][-1]["tok_per_s"], 2)}),
+                print(json.dumps({"round": round_ + 1, "scenario": label, "tok_per_s": round(result["tok_per_s"], 2)}),
                       flush=True)
     for label, measured in runs.items():
         median = sorted(measured, key=lambda r: r["tok_per_s"])[(len(measured) - 1) // 2]

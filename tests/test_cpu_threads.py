@@ -33,14 +33,20 @@ def task_ids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
+def start_pool() -> set[int]:
+    """Run a parallel region on this thread with 2 torch threads, as a model load does; the worker threads it
+    started (this thread's OpenMP pool)."""
+    torch.set_num_threads(2)
+    before = task_ids()
+    torch.ones(1 << 22).mul_(2.0)
+    return task_ids() - before
+
+
 @needs_openmp
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task lists threads on Linux")
 def test_release_pool_ends_the_calling_threads_openmp_workers():
     def run() -> tuple[set[int], set[int], bool]:
-        torch.set_num_threads(2)
-        before = task_ids()
-        torch.ones(1 << 22).mul_(2.0)  # a parallel region: this thread gets a pool of worker threads
-        workers = task_ids() - before
+        workers = start_pool()
         released = cpu_threads.release_pool()
         return workers, task_ids() & workers, released
 
@@ -93,10 +99,7 @@ def test_starting_the_engine_ends_the_starting_threads_openmp_workers():
     adapted = AdaptedModel(tiny_model("llama"))
 
     def run() -> tuple[set[int], set[int]]:
-        torch.set_num_threads(2)
-        before = task_ids()
-        torch.ones(1 << 22).mul_(2.0)  # as a model load does: this thread now has a pool of workers
-        workers = task_ids() - before
+        workers = start_pool()
         with Engine(adapted, build_tokenizer(), None, EngineConfig(max_seq_len=32, max_slots=2)) as engine:
             engine.generate("", [5, 6, 7], SamplingParams(max_new_tokens=2, ignore_eos=True), timeout=30)
             return workers, task_ids() & workers
@@ -114,10 +117,7 @@ def test_starting_a_background_server_ends_the_callers_openmp_workers():
     from servers import options, start
 
     def run() -> tuple[set[int], set[int]]:
-        torch.set_num_threads(2)
-        before = task_ids()
-        torch.ones(1 << 22).mul_(2.0)
-        workers = task_ids() - before
+        workers = start_pool()
         server = start(options())
         try:
             return workers, task_ids() & workers
