@@ -7,18 +7,17 @@ then reuses the same grouping. Rows with no adapter are in no group and pay noth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .grouped import MAX_MEAN_ROWS, LowRankStacks, PaddedRows
+from .grouped import MAX_GROUP_ROWS, StackRun, add_stacked_deltas, plan_runs
 
 if TYPE_CHECKING:
     from .base import BoundAdapter
-
-StacksFor = Callable[[tuple[tuple["BoundAdapter", int], ...]], LowRankStacks]
+    from .factor_pool import FactorPool
 
 Rows = slice | torch.Tensor  # a contiguous range, or a LongTensor of row indices
 
@@ -35,10 +34,17 @@ class RowGroup:
 
 @dataclass(frozen=True)
 class StackedGroups:
-    """Groups served together by `grouped.grouped_delta` instead of one by one."""
+    """Groups served together from their slots of the factor pool (grouped.py) instead of one by one."""
 
-    stacks: LowRankStacks
-    plan: PaddedRows
+    pool: "FactorPool"
+    runs: tuple[StackRun, ...]
+    slot_index: torch.Tensor  # [num_rows] int32: each row's slot, -1 where none
+
+    def add_deltas(self, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out [n, d_out] += the stacked groups' deltas of `module` for x [n, d_in], in place."""
+        factors = self.pool.factors(module)
+        if factors is not None:
+            add_stacked_deltas(out, x, factors, self.runs, self.slot_index)
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,15 @@ class BatchContext:
         assignments: Sequence[tuple["BoundAdapter | None", int]],
         rows_per_sequence: int | Sequence[int],
         device: torch.device | str = "cpu",
-        stacks_for: StacksFor | None = None,
+        pool: "FactorPool | None" = None,
     ) -> "BatchContext":
         """Group rows by (adapter, task).
 
         assignments: one (bound adapter or None for the base model, task index) per sequence.
         rows_per_sequence: an int for a padded [batch, seq] layout (every sequence owns seq rows),
             or one length per sequence for a packed layout; sequences own consecutive rows in order.
-        stacks_for: when given, two or more small groups of `stackable` adapters are served together
-            through stacked factors (grouped.py) that this callable provides and caches.
+        pool: when given, two or more small groups of `stackable` adapters are served together from their
+            slots of this factor pool (grouped.py).
         """
         n = len(assignments)
         lengths = [rows_per_sequence] * n if isinstance(rows_per_sequence, int) else list(rows_per_sequence)
@@ -88,25 +94,30 @@ class BatchContext:
             RowGroup(owners[key], key[1], _rows(ranges, device), sum(e - s for s, e in ranges))
             for key, ranges in spans.items()
         ]
-        stacked = _stack(groups, stacks_for, device, start) if stacks_for is not None else None
+        stacked = _stack(groups, pool, device, start) if pool is not None else None
         if stacked is not None:
             groups = [g for g in groups if not _stackable(g)]
         return BatchContext(start, tuple(groups), tuple(assignments), stacked)
 
 
 def _stackable(group: RowGroup) -> bool:
-    return group.adapter.stackable and not group.adapter.dropout
+    return group.adapter.stackable and not group.adapter.dropout and group.num_rows <= MAX_GROUP_ROWS
 
 
-def _stack(groups: list[RowGroup], stacks_for: StacksFor, device: torch.device | str,
+def _stack(groups: list[RowGroup], pool: "FactorPool", device: torch.device | str,
            num_rows: int) -> StackedGroups | None:
-    """Stack the low-rank groups when there are several and they are small (decode steps); inference only."""
+    """Stack the small low-rank groups (decode rows, also beside a prompt) when there are several; inference
+    only."""
     chosen = [g for g in groups if _stackable(g)]
-    if len(chosen) < 2 or torch.is_grad_enabled() or sum(g.num_rows for g in chosen) > MAX_MEAN_ROWS * len(chosen):
+    if len(chosen) < 2 or torch.is_grad_enabled():
         return None
-    rows = [torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu() for g in chosen]
-    return StackedGroups(stacks_for(tuple((g.adapter, g.task) for g in chosen)),
-                         PaddedRows.build(rows, device, num_rows))
+    slot_rows = [(pool.slot(g.adapter, g.task),
+                  torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu())
+                 for g in chosen]
+    slot_index = torch.full((num_rows,), -1, dtype=torch.int32)
+    for slot, rows in slot_rows:
+        slot_index[rows] = slot
+    return StackedGroups(pool, plan_runs(slot_rows, device), slot_index.to(device))
 
 
 def _rows(ranges: list[tuple[int, int]], device: torch.device | str) -> Rows:

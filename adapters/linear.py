@@ -9,8 +9,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .grouped import add_grouped_delta
-
 if TYPE_CHECKING:
     from .context import BatchContext
 
@@ -79,9 +77,7 @@ class AdaptedLinear(nn.Module):
             else:
                 out2.index_add_(0, group.rows, delta)
         if ctx.stacked is not None:  # inference only, so in place
-            stacks = ctx.stacked.stacks.get(self.name, self.in_features, self.out_features)
-            if stacks is not None:
-                add_grouped_delta(out2, x2, stacks, ctx.stacked.plan)
+            ctx.stacked.add_deltas(self.name, x2, out2)
         return out2.view(out.shape)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -12,8 +11,11 @@ from torch import nn
 from .base import Adapter, BoundAdapter
 from .context import BatchContext
 from .errors import UnsupportedAdapterError
-from .grouped import LowRankStacks
+from .factor_pool import FactorPool
 from .linear import LINEAR_TYPES, AdaptedLinear, LinearSpec, base_weight
+
+
+_UNSLOTTED = 1 << 62
 
 
 class AdaptedModel:
@@ -31,11 +33,11 @@ class AdaptedModel:
         self._context: BatchContext | None = None
         self.merged: tuple[BoundAdapter, int] | None = None
         self.stacked = True  # serve many small low-rank groups through grouped.py (False: one by one)
-        self._stacks: OrderedDict[tuple[tuple[int, int], ...], LowRankStacks] = OrderedDict()
         self.layers = _inject(model, lambda: self._context)
         if not self.layers:
             raise UnsupportedAdapterError(f"{type(model).__name__} has no linear layers that adapters can target")
         self.specs: dict[str, LinearSpec] = {name: layer.spec() for name, layer in self.layers.items()}
+        self.factor_pool = FactorPool(self.specs)
 
     @property
     def device(self) -> torch.device:
@@ -60,24 +62,20 @@ class AdaptedModel:
             ctx = BatchContext(BatchContext.build(assignments, rows_per_sequence).num_rows, (), tuple(assignments))
         else:
             ctx = BatchContext.build(assignments, rows_per_sequence, self.device,
-                                     self._stacks_for if self.stacked else None)
+                                     self.factor_pool if self.stacked else None)
         self._context = ctx
         try:
             yield ctx
         finally:
             self._context = None
 
-    def _stacks_for(self, members: tuple[tuple[BoundAdapter, int], ...]) -> LowRankStacks:
-        """Stacked factors for this batch composition, reused while it lasts (a few compositions kept:
-        decode steps repeat one; each holds a copy of its adapters' factors)."""
-        key = tuple((bound.serial, task) for bound, task in members)
-        stacks = self._stacks.get(key)
-        if stacks is None:
-            stacks = self._stacks[key] = LowRankStacks(members, len(self.layers))
-            while len(self._stacks) > 2:
-                self._stacks.popitem(last=False)
-        self._stacks.move_to_end(key)
-        return stacks
+    def stack_order(self, bound: BoundAdapter | None, task: int) -> int:
+        """Where rows of (bound, task) go in a step for the stacked path to read the fewest runs of the
+        factor pool: by slot; rows without one (base model, not stacked yet, other families) after."""
+        slot = None
+        if bound is not None and bound.stackable:
+            slot = self.factor_pool.slot_of(bound, task if bound.task_sensitive else 0)
+        return slot if slot is not None else _UNSLOTTED
 
     @torch.no_grad()
     def merge(self, bound: BoundAdapter, task: int = 0) -> None:

@@ -146,6 +146,9 @@ class Engine:
         self.max_prompt = min(config.max_prompt_tokens or self.max_seq_len - 1, self.max_seq_len - 1)
         self.max_new_limit = min(config.max_new_tokens_limit or self.max_seq_len - 1, self.max_seq_len - 1)
         self.cache = self.forward.new_cache(self._num_slots(), self.max_seq_len)
+        # the most adapters a batch can stack: the factor pool need not grow (a copy) while serving
+        device_adapters = getattr(manager, "device_capacity", self.cache.num_slots)
+        adapted.factor_pool.reserve(min(device_adapters, self.cache.num_slots))
         self.slots = SlotTable(self.cache)
         self.device = adapted.device
         self.vocab_size = self.forward.head.weight.shape[0]
@@ -326,7 +329,9 @@ class Engine:
         if not self._running:
             return False
         # rows: running sequences first, then the new prompts, each part grouped by adapter (one slice each)
-        decodes = sorted((s for s in self._running if s.kv_len > 0), key=lambda s: s.key)
+        # decode rows in factor-pool slot order: a batch that keeps its adapters reads one run of the pool
+        decodes = sorted((s for s in self._running if s.kv_len > 0),
+                         key=lambda s: (self.adapted.stack_order(s.bound, s.task_index), s.key))
         order = decodes + sorted(admitted, key=lambda s: s.key)
         runs = [s.next_run() for s in order]
         self._plan_merge(order)

@@ -606,3 +606,12 @@ def test_real_manager_unload_mid_request_lets_it_finish(world, sequential):
         manager.close()
     assert REQUESTS[1][0] == "lo1"
     assert in_flight.token_ids == sequential[1].token_ids  # finished on the adapter it started with
+
+
+def test_the_factor_pool_gets_a_slot_per_adapter_the_device_holds(world):
+    manager = FakeManager(world.adapted, world.adapters)
+    manager.device_capacity = 5
+    engine(world, manager, max_slots=4)
+    assert world.adapted.factor_pool._reserved == 4  # a batch stacks at most one adapter per sequence
+    engine(world, manager, max_slots=16)
+    assert world.adapted.factor_pool._reserved == 5

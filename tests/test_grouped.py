@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
-from families import TASKS, make_adapter
+from families import FAMILY_TARGETS, TASKS, make_adapter, randomize
 from tiny import prompts, tiny_model
 
-from loraplex.adapters import AdaptedModel, BatchContext
+from loraplex.adapters import AdaptedModel, BatchContext, adapter_class
 from loraplex.adapters.grouped import PaddedRows
+
+
+def stacked_equals_loop(adapted: AdaptedModel, plan: list, seed: int = 6) -> BatchContext:
+    """One decode step of `plan` through the stacked path and through the per-group loop: equal logits;
+    returns the stacked step's context."""
+    ids = torch.stack(prompts([1] * len(plan), seed=seed))  # one token per sequence, as in decode
+    results = {}
+    for stacked in (False, True):
+        adapted.stacked = stacked
+        with torch.no_grad(), adapted.batch(plan, 1) as ctx:
+            results[stacked] = adapted.model(ids).logits
+    assert ctx.stacked is not None
+    assert (results[True] - results[False]).abs().max() <= 1e-5
+    return ctx
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -17,14 +33,7 @@ def test_stacked_decode_step_equals_the_reference_loop(arch, tmp_path):
     bound = [adapted.bind(make_adapter(f, adapted, arch, f"{f}{i}", tmp_path, seed=i))
              for i, f in enumerate(["lora", "lora", "gift", "mtl_lora", "r_lora", "lora"])]
     plan = [(b, t % len(TASKS) if b.adapter.multi_task else 0) for b in bound for t in range(2)] + [(None, 0)]
-    ids = torch.stack(prompts([1] * len(plan), seed=4))  # one token per sequence, as in decode
-    results = {}
-    for stacked in (False, True):
-        adapted.stacked = stacked
-        with torch.no_grad(), adapted.batch(plan, 1) as ctx:
-            results[stacked] = adapted.model(ids).logits
-        assert (ctx.stacked is not None) == stacked
-    assert (results[True] - results[False]).abs().max() <= 1e-5
+    ctx = stacked_equals_loop(adapted, plan, seed=4)
     # stacked groups are only the low-rank families; R-LoRA stays on the loop
     assert [g.adapter.adapter.adapter_type for g in ctx.groups] == ["r_lora"]
 
@@ -34,25 +43,20 @@ def test_equal_consecutive_groups_are_served_in_place(tmp_path):
     gather or scatter; it equals the per-group reference loop."""
     adapted = AdaptedModel(tiny_model("llama"))
     bound = [adapted.bind(make_adapter("lora", adapted, "llama", f"l{i}", tmp_path, seed=i)) for i in range(3)]
-    plan = [(b, 0) for b in bound for _ in range(2)] + [(None, 0)]
-    ids = torch.stack(prompts([1] * len(plan), seed=5))
-    results = {}
-    for stacked in (False, True):
-        adapted.stacked = stacked
-        with torch.no_grad(), adapted.batch(plan, 1) as ctx:
-            results[stacked] = adapted.model(ids).logits
-    assert ctx.stacked is not None and ctx.stacked.plan.block_start == 0
-    assert (results[True] - results[False]).abs().max() <= 1e-5
-
+    ctx = stacked_equals_loop(adapted, [(b, 0) for b in bound for _ in range(2)] + [(None, 0)], seed=5)
+    assert [run.plan.block_start for run in ctx.stacked.runs] == [0]
 
 def test_large_groups_and_training_use_the_loop(tmp_path):
     adapted = AdaptedModel(tiny_model("llama"))
-    a, b = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path)) for n in "ab")
-    stacks_for = adapted._stacks_for
+    a, b, c = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path)) for n in "abc")
+    pool = adapted.factor_pool
     with torch.no_grad():
-        assert BatchContext.build([(a, 0), (b, 0)], 64, stacks_for=stacks_for).stacked is None  # prefill-sized
-        assert BatchContext.build([(a, 0), (b, 0)], 1, stacks_for=stacks_for).stacked is not None
-    assert BatchContext.build([(a, 0), (b, 0)], 1, stacks_for=stacks_for).stacked is None  # grad enabled
+        assert BatchContext.build([(a, 0), (b, 0)], 64, pool=pool).stacked is None  # prefill-sized
+        assert BatchContext.build([(a, 0), (b, 0)], 1, pool=pool).stacked is not None
+        # a prefill step: the prompt's group runs on the loop, the decode rows beside it are stacked
+        ctx = BatchContext.build([(a, 0), (b, 0), (c, 0)], [1, 1, 20], pool=pool)
+        assert [g.adapter for g in ctx.groups] == [c] and [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 2)]
+    assert BatchContext.build([(a, 0), (b, 0)], 1, pool=pool).stacked is None  # grad enabled
 
 
 def test_padded_rows_layout():
@@ -64,3 +68,79 @@ def test_padded_rows_layout():
     assert plan.block_start is None  # unequal groups: gathered into the padded layout
     assert PaddedRows.build([torch.tensor([2, 3]), torch.tensor([4, 5])], "cpu").block_start == 2
     assert PaddedRows.build([torch.tensor([2, 3]), torch.tensor([5, 6])], "cpu").block_start is None  # a gap
+
+
+# ---------------------------------------------------------------- the factor pool
+def lora(adapted: AdaptedModel, name: str, seed: int, targets: list[str], rank: int = 4):
+    adapter = adapter_class("lora").create(name, adapted.specs, target_modules=targets, rank=rank, seed=seed)
+    randomize(adapter, seed + 100)
+    return adapted.bind(adapter)
+
+
+def test_pool_slots_outlive_batch_compositions():
+    """A composition change writes only the newcomers' factors; the rest is read where it already lies."""
+    adapted = AdaptedModel(tiny_model("llama"))
+    a, b, c = (lora(adapted, n, i, FAMILY_TARGETS["llama"]) for i, n in enumerate("abc"))
+    pool = adapted.factor_pool
+    stacked_equals_loop(adapted, [(a, 0), (b, 0)])
+    name = "model.layers.0.self_attn.q_proj"
+    before = {n: pool.factors(n)[0][:2].clone() for n in adapted.specs if pool.factors(n) is not None}
+    writes = []
+    original = pool._write
+    pool._write = lambda slot, bound, task: (writes.append(bound.adapter.name), original(slot, bound, task))
+    ctx = stacked_equals_loop(adapted, [(c, 0), (b, 0), (a, 0)])
+    assert writes == ["c"] and [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 3)]
+    stacked_equals_loop(adapted, [(b, 0), (c, 0)])
+    assert writes == ["c"]
+    assert all(torch.equal(pool.factors(n)[0][:2], t) for n, t in before.items()) and name in before
+
+
+def test_freed_adapters_give_their_slot_back_and_reuse_is_exact():
+    """Slots of unloaded adapters are reused; a newcomer on fewer modules, or of higher rank, leaves nothing of
+    the slot's previous owner; gaps between slots split the step into runs."""
+    adapted = AdaptedModel(tiny_model("llama"))
+    pool = adapted.factor_pool
+    bound = [lora(adapted, f"l{i}", i, FAMILY_TARGETS["llama"]) for i in range(5)]
+    stacked_equals_loop(adapted, [(b, 0) for b in bound])
+    assert [pool.slot_of(b, 0) for b in bound] == [0, 1, 2, 3, 4]
+    ctx = stacked_equals_loop(adapted, [(bound[4], 0), (bound[0], 0), (bound[1], 0)])
+    assert [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 2), (4, 5)]  # two unused slots split the step
+    ctx = stacked_equals_loop(adapted, [(bound[2], 0), (bound[0], 0)])
+    assert [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 3)]  # one is read for nothing
+
+    del bound[1]  # now l0, l2, l3, l4 in slots 0, 2, 3, 4
+    gc.collect()
+    narrow = lora(adapted, "narrow", 7, ["q_proj"], rank=8)  # fewer modules, higher rank, into slot 1
+    ctx = stacked_equals_loop(adapted, [(narrow, 0), (bound[0], 0), (bound[1], 0)])
+    assert pool.slot_of(narrow, 0) == 1 and [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 3)]
+    assert len(pool) == 5 and pool.nbytes() > 0
+
+    del bound, narrow, ctx
+    gc.collect()
+    other = [lora(adapted, f"m{i}", 10 + i, ["v_proj"]) for i in range(2)]
+    stacked_equals_loop(adapted, [(b, 0) for b in other])
+    assert [pool.slot_of(b, 0) for b in other] == [0, 1] and len(pool) == 2
+
+
+def test_engine_order_puts_decode_rows_in_slot_order():
+    adapted = AdaptedModel(tiny_model("llama"))
+    a, b = (lora(adapted, n, i, FAMILY_TARGETS["llama"]) for i, n in enumerate("ab"))
+    stacked_equals_loop(adapted, [(b, 0), (a, 0)])
+    assert adapted.stack_order(b, 0) < adapted.stack_order(a, 0) < adapted.stack_order(None, 0)
+
+
+def test_pool_growth_and_reserve_keep_every_slot_exact():
+    adapted = AdaptedModel(tiny_model("llama"))
+    pool = adapted.factor_pool
+    first = [lora(adapted, f"l{i}", i, FAMILY_TARGETS["llama"]) for i in range(8)]
+    stacked_equals_loop(adapted, [(b, 0) for b in first])
+    module = "model.layers.1.mlp.down_proj"
+    assert pool.factors(module)[0].shape[0] == 8
+    # more adapters than slots, one on a module none had before, one of higher rank: the pool grows
+    more = [lora(adapted, "k", 20, ["k_proj"]), lora(adapted, "wide", 21, FAMILY_TARGETS["llama"], rank=8)]
+    stacked_equals_loop(adapted, [(b, 0) for b in first + more])
+    assert pool.factors(module)[0].shape[:2] == (16, 8)
+    pool.reserve(40)
+    stacked_equals_loop(adapted, [(b, 0) for b in more + first[::-1]])
+    assert pool.factors(module)[0].shape[0] == 40
+

@@ -1,6 +1,6 @@
 """The grouped low-rank delta kernels (adapters/kernels/) against their plain-torch oracle.
 
-(a) Always: the torch reference equals a per-row float64 formula, and the kernel layout (`PaddedRows.index`)
+(a) Always: the torch reference equals a per-row float64 formula, and the kernel layout (each row's pool slot)
     wired into a model equals the per-group loop.
 (b) With triton installed: the Triton kernels run in Triton's interpreter on CPU tensors, in a subprocess
     (TRITON_INTERPRET must be set before triton is imported, and must not leak into the CUDA tests), and
@@ -23,7 +23,6 @@ from tiny import prompts, tiny_model
 
 from loraplex.adapters import AdaptedModel, kernels
 from loraplex.adapters.kernels import reference
-from loraplex.adapters.grouped import PaddedRows
 
 NO_TRITON = "triton is not installed (CPU installs and CI need not have it)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,10 +95,15 @@ def test_lowrank_delta_refuses_mismatched_shapes_and_unknown_backends():
     assert not kernels.uses_triton(x)  # CPU tensors never take the kernels by default
 
 
-def test_padded_rows_index_gives_each_row_its_group():
-    plan = PaddedRows.build([torch.tensor([4, 0]), torch.tensor([2]), torch.tensor([1, 3, 5])], "cpu", num_rows=8)
-    assert plan.index.tolist() == [0, 2, 1, 2, 0, 2, -1, -1]
-    assert plan.index.dtype == torch.int32
+def test_stacked_rows_carry_their_pool_slot(tmp_path):
+    """The kernels' layout: each row's factor-pool slot, -1 for rows the stacked path does not serve."""
+    adapted = AdaptedModel(tiny_model("llama"))
+    a, b = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path, seed=i)) for i, n in enumerate("ab"))
+    with torch.no_grad(), adapted.batch([(b, 0), (None, 0), (a, 0), (b, 0)], 1) as ctx:
+        pass
+    slot_a, slot_b = adapted.factor_pool.slot_of(a, 0), adapted.factor_pool.slot_of(b, 0)
+    assert ctx.stacked.slot_index.tolist() == [slot_b, -1, slot_a, slot_b] and slot_a != slot_b
+    assert ctx.stacked.slot_index.dtype == torch.int32
 
 
 TARGETED_LAYERS = 2 * len(FAMILY_TARGETS["llama"])  # the tiny llama has 2 decoder layers

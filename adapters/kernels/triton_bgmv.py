@@ -2,10 +2,10 @@
 
 Importing this module imports triton; `loraplex.adapters.kernels` does so only when a kernel is about to run.
 
-Layout (the stacks of `grouped.LowRankStacks`, any strides):
+Layout (the pool of `factor_pool.FactorPool`, any strides):
     x    [n, d_in]        activations, fp32 / bf16 / fp16
-    idx  [n] int          the group of each row, -1 where the row has no stacked adapter
-    A    [G, r, d_in]     down projections, zero-padded to the largest rank r
+    idx  [n] int          the slot of each row, -1 where the row has no stacked adapter
+    A    [G, r, d_in]     down projections of G slots, zero-padded to the largest rank r
     B    [G, d_out, r]    up projections, already multiplied by each adapter's scale
     u    [n, r] fp32      the intermediate (rank-space) activations
     out  [n, d_out]       the base output, added to in place
