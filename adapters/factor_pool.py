@@ -88,9 +88,6 @@ class FactorPool:
         """(A [P, r, d_in], s·B [P, d_out, r]) of `module` over every slot; None if no slot has the module."""
         return self._factors.get(module)
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self._factors.values())
-
     # ---- internals
     def _reclaim(self) -> None:
         """Give back the slots of bound adapters freed since the last call."""

@@ -113,7 +113,7 @@ def test_freed_adapters_give_their_slot_back_and_reuse_is_exact():
     narrow = lora(adapted, "narrow", 7, ["q_proj"], rank=8)  # fewer modules, higher rank, into slot 1
     ctx = stacked_equals_loop(adapted, [(narrow, 0), (bound[0], 0), (bound[1], 0)])
     assert pool.slot_of(narrow, 0) == 1 and [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 3)]
-    assert len(pool) == 5 and pool.nbytes() > 0
+    assert len(pool) == 5
 
     del bound, narrow, ctx
     gc.collect()
