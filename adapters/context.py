@@ -7,6 +7,7 @@ then reuses the same grouping. Rows with no adapter are in no group and pay noth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,13 +39,23 @@ class StackedGroups:
 
     pool: "FactorPool"
     runs: tuple[StackRun, ...]
-    slot_index: torch.Tensor  # [num_rows] int32: each row's slot, -1 where none
+    slot_rows: tuple[tuple[int, torch.Tensor], ...]  # (slot, its rows on the CPU) per group
+    num_rows: int
+    device: torch.device | str
+
+    @functools.cached_property
+    def slot_index(self) -> torch.Tensor:
+        """[num_rows] int32: each row's slot, -1 where none (the kernels' layout; built only if they run)."""
+        index = torch.full((self.num_rows,), -1, dtype=torch.int32)
+        for slot, rows in self.slot_rows:
+            index[rows] = slot
+        return index.to(self.device)
 
     def add_deltas(self, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out [n, d_out] += the stacked groups' deltas of `module` for x [n, d_in], in place."""
         factors = self.pool.factors(module)
         if factors is not None:
-            add_stacked_deltas(out, x, factors, self.runs, self.slot_index)
+            add_stacked_deltas(out, x, factors, self.runs, lambda: self.slot_index)
 
 
 @dataclass(frozen=True)
@@ -114,10 +125,7 @@ def _stack(groups: list[RowGroup], pool: "FactorPool", device: torch.device | st
     slot_rows = [(pool.slot(g.adapter, g.task),
                   torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu())
                  for g in chosen]
-    slot_index = torch.full((num_rows,), -1, dtype=torch.int32)
-    for slot, rows in slot_rows:
-        slot_index[rows] = slot
-    return StackedGroups(pool, plan_runs(slot_rows, device), slot_index.to(device))
+    return StackedGroups(pool, plan_runs(slot_rows, device), tuple(slot_rows), num_rows, device)
 
 
 def _rows(ranges: list[tuple[int, int]], device: torch.device | str) -> Rows:

@@ -13,6 +13,7 @@ rows in place, indexed by each row's slot: no padded copy of the rows, one launc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,13 @@ def grouped_delta(x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], pl
 
 
 def add_stacked_deltas(out: torch.Tensor, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor],
-                       runs: tuple[StackRun, ...], slot_index: torch.Tensor) -> None:
+                       runs: tuple[StackRun, ...], slot_index: Callable[[], torch.Tensor]) -> None:
     """out [n, d_out] += every stacked group's delta, in place. factors: the pool's (A [P, r, d_in],
-    s·B [P, d_out, r]); slot_index [n] int32: each row's slot, -1 where none (the kernels' layout)."""
+    s·B [P, d_out, r]); slot_index() -> [n] int32: each row's slot, -1 where none (the kernels' layout, asked
+    for only when they run)."""
     a_all, b_all = factors
     if kernels.uses_triton(x):
-        kernels.lowrank_delta(x, slot_index, a_all, b_all, out)
+        kernels.lowrank_delta(x, slot_index(), a_all, b_all, out)
         return
     for run in runs:
         add_grouped_delta(out, x, (a_all[run.lo:run.hi], b_all[run.lo:run.hi]), run.plan)

@@ -46,6 +46,7 @@ def test_equal_consecutive_groups_are_served_in_place(tmp_path):
     ctx = stacked_equals_loop(adapted, [(b, 0) for b in bound for _ in range(2)] + [(None, 0)], seed=5)
     assert [run.plan.block_start for run in ctx.stacked.runs] == [0]
 
+
 def test_large_groups_and_training_use_the_loop(tmp_path):
     adapted = AdaptedModel(tiny_model("llama"))
     a, b, c = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path)) for n in "abc")
@@ -143,4 +144,3 @@ def test_pool_growth_and_reserve_keep_every_slot_exact():
     pool.reserve(40)
     stacked_equals_loop(adapted, [(b, 0) for b in more + first[::-1]])
     assert pool.factors(module)[0].shape[0] == 40
-
