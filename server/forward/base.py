@@ -6,9 +6,16 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kv_cache import KVCache
 from .step import StepInput
+
+
+# The attention kernels a step may use: all but cuDNN's. cuDNN builds an execution plan for every new shape, and
+# here shapes change every step (the KV length grows, prompts differ): on an H100 that cost 3.4 ms of host time
+# per call, two thirds of a decode step's (docs/design.md §12). Flash and memory-efficient kernels need no plan.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class UnsupportedModelError(ValueError):
@@ -44,4 +51,5 @@ class CausalLMForward(ABC):
     @torch.no_grad()
     def __call__(self, step: StepInput, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] of each sequence's last new token (in run order)."""
-        return self.head(self.hidden(step, cache))
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self.head(self.hidden(step, cache))
