@@ -71,7 +71,9 @@ def test_method_trains_saves_and_reloads_to_the_same_logits(method, tmp_path):
         if adapter.multi_task:
             assert adapter.tasks == ["alpha", "beta"]  # task ids resolve on a server
     rows, _ = encode(DATA, TOKENIZER, 64)
-    own = logits_through(result.adapted, result.adapters, rows)
+    # both on a fresh CPU base: the trained adapters (on the training device, a GPU where there is one) and the
+    # reloaded files give the same logits
+    own = logits_through(AdaptedModel(tiny()), result.adapters, rows)
     fresh = logits_through(AdaptedModel(tiny()), loaded, rows)
     assert torch.allclose(own, fresh, atol=1e-6, rtol=0), (own - fresh).abs().max()
     assert set(result.evaluation) == {"alpha", "beta"}
@@ -186,3 +188,14 @@ def test_cli_trains_a_directory_the_server_serves_and_reports_bad_data(tmp_path,
     data.write_text(json.dumps({"task": "t", "prompt": "p", "completion": "c"}) + "\n{oops\n")
     assert train_cli.main(["train", "--method", "lora", "--out", str(tmp_path / "x"), *common]) == 2
     assert "train.jsonl line 2" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_process_trains_on_the_gpu_then_on_the_cpu_and_back():
+    """Accelerate's process-wide state must not pin every later training run to the first run's device."""
+    from loraplex.trainer.run import make_accelerator
+
+    assert make_accelerator("cuda").device.type == "cuda"
+    assert make_accelerator("cpu").device.type == "cpu"
+    assert make_accelerator("auto").device.type == "cuda"

@@ -55,7 +55,18 @@ def make_accelerator(device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     cpu = device == "cpu" or not torch.cuda.is_available()
+    _forget_another_device(cpu)
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _forget_another_device(cpu: bool) -> None:
+    """Accelerate keeps one state per process and refuses an Accelerator on another device than the first one's
+    ("AcceleratorState has already been initialized"); a process that trains on the GPU and then on the CPU (or
+    the other way round) starts that state afresh."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and (PartialState().device.type == "cpu") != cpu:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def load_model(cfg: TrainConfig, device: torch.device):
