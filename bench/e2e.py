@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixture import build_fixture  # noqa: E402
+from fixture import PRESETS, build_fixture  # noqa: E402
 from workload import SCENARIOS, percentile, run_engine  # noqa: E402
 
 from loraplex_client import AsyncClient, LoraplexError  # noqa: E402
@@ -158,7 +158,7 @@ async def drive(address: str, tasks: list[str], prompts: list[str], new: int, st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixture", type=Path, default=Path("bench/out/fixture"))
-    ap.add_argument("--preset", default="smol135", choices=["tiny", "smol135"])
+    ap.add_argument("--preset", default="smol135", choices=PRESETS)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--scenarios", default="base,a8,a32")
     ap.add_argument("--modes", default="unary,stream", help="unary (Generate) and/or stream (GenerateStream)")

@@ -54,10 +54,11 @@ def measure(rows: int, groups: int, rank: int, d: int, dtype: torch.dtype, reps:
     out = torch.zeros(rows, d, device="cuda", dtype=dtype)
     bounds = [rows * g // groups for g in range(groups + 1)]  # contiguous, near-equal groups
     group_rows = [torch.arange(s, e) for s, e in zip(bounds, bounds[1:])]
-    plan = PaddedRows.build(group_rows, "cuda", rows)
+    plan = PaddedRows.build(group_rows, "cuda")
+    index = torch.cat([torch.full((len(r),), g, dtype=torch.int32) for g, r in enumerate(group_rows)]).cuda()
 
     def kernel():
-        kernels.lowrank_delta(x, plan.index, a, b, out, backend="triton")
+        kernels.lowrank_delta(x, index, a, b, out, backend="triton")
 
     def bmm():
         out.index_add_(0, plan.rows, grouped_delta(x, (a, b), plan).to(out.dtype))

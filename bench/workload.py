@@ -1,8 +1,10 @@
 """Workload W of BENCHMARK.md, run in-process on the engine and on the peers, side by side in one run.
 
-usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135] [--rank 16]
+usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135|llama1b] [--rank 16]
                                 [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2] [--rounds 1]
-Prints one JSON line per measurement and a markdown table for BENCHMARKS.md.
+                                [--device cpu|cuda] [--dtype float32|bfloat16]
+Prints one JSON line per measurement and a markdown table for BENCHMARKS.md. The peers run on the engine's
+device and dtype.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixture import build_fixture, many_adapters  # noqa: E402
+from fixture import PRESETS, build_fixture, many_adapters  # noqa: E402
 from peers import hf_static_generate, peft_generate  # noqa: E402
 
-from loraplex.adapters import AdaptedModel  # noqa: E402
+from loraplex.adapters import AdaptedModel, kernels  # noqa: E402
 from loraplex.server.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.server.loader import load_base  # noqa: E402
 from loraplex.server.manager import AdapterManager  # noqa: E402
@@ -44,16 +46,17 @@ def zipf_names(names: list[str], n: int, seed: int = 0) -> list[str]:
 
 
 class Collector:
-    """EngineObserver that keeps the per-request records."""
+    """EngineObserver that keeps the per-request and per-step records."""
 
     def __init__(self) -> None:
         self.records = []
+        self.steps = []
 
     def request_finished(self, record) -> None:
         self.records.append(record)
 
     def step(self, record) -> None:
-        pass
+        self.steps.append(record)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -76,6 +79,7 @@ def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: li
         with Engine(adapted, tokenizer, manager, config) as engine:
             engine.generate(task_ids[0], ids[0][:8], SamplingParams(max_new_tokens=2, ignore_eos=True))
             collector.records.clear()
+            collector.steps.clear()
             params = SamplingParams(max_new_tokens=new, ignore_eos=True)
             t0 = time.perf_counter()
             handles = [engine.submit(t, p, params) for t, p in zip(task_ids, ids)]
@@ -84,8 +88,11 @@ def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: li
     tokens = sum(r.generated_tokens for r in results)
     failed = sum(1 for r in results if r.generated_tokens != new)
     ttft = [r.ttft_s for r in collector.records if r.ttft_s is not None]
+    decodes = [s for s in collector.steps if s.prefill_tokens == 0]  # steps without a prompt in them
     return {"tok_per_s": tokens / seconds, "seconds": seconds, "failed": failed,
-            "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * percentile(ttft, 0.99)}
+            "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * percentile(ttft, 0.99),
+            "decode_step_ms_p50": 1000 * statistics.median(s.duration_s for s in decodes) if decodes else None,
+            "decode_batch_mean": statistics.mean(s.batch_size for s in decodes) if decodes else None}
 
 
 def cold_load(adapted: AdaptedModel, adapter_dir: Path, names: list[str]) -> dict:
@@ -103,7 +110,7 @@ def cold_load(adapted: AdaptedModel, adapter_dir: Path, names: list[str]) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixture", type=Path, default=Path("bench/out/fixture"))
-    ap.add_argument("--preset", default="smol135", choices=["tiny", "smol135"])
+    ap.add_argument("--preset", default="smol135", choices=PRESETS)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--scenarios", default="base,a1,a8,a32,zipf1000")
     ap.add_argument("--peers", default="peft,hf")
@@ -115,7 +122,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="run every engine scenario this many times, in rotation, "
                     "and report the run of median throughput (the peers run once)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the engine's dtype (base model and bound adapters; the peers stay float32)")
+                    help="the dtype of the engine (base model and bound adapters) and of the peers")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine and the peers run")
+    ap.add_argument("--grouped-kernels", default="torch", help="the grouped-delta paths to run a8/a32/zipf1000 "
+                    "with, e.g. torch,triton (as serve --grouped-kernels; triton: the Triton kernels on CUDA)")
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
@@ -124,7 +134,7 @@ def main() -> None:
     fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
     adapter_dir = fixture / "adapters"
     names = sorted(p.name for p in adapter_dir.glob("lora-*"))
-    model, tokenizer = load_base(str(fixture / "base"), device="cpu", dtype=a.dtype)
+    model, tokenizer = load_base(str(fixture / "base"), device=a.device, dtype=a.dtype)
     adapted = AdaptedModel(model)
     vocab = model.config.vocab_size
     rows = []
@@ -136,24 +146,29 @@ def main() -> None:
     jobs = []  # (scenario label, run): every engine measurement, run once per round
     for scenario in scenarios:
         k = SCENARIOS[scenario]
-        if scenario == "zipf1000":
-            many = many_adapters(fixture, 1000)
-            tasks = zipf_names(sorted(p.name for p in many.iterdir()), a.zipf_requests)
-            ids = prompts(a.zipf_requests, a.prompt_len, vocab)
-            jobs.append((scenario, lambda many=many, tasks=tasks, ids=ids:
-                         run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32)))
-            continue
-        ids = prompts(a.requests, a.prompt_len, vocab)
-        tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
-        for mode in a.merge_modes.split(","):
-            jobs.append((scenario if mode == "auto" else f"{scenario} ({mode})",
-                         lambda k=k, tasks=tasks, ids=ids, mode=mode:
-                         run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
-                                    device_capacity=max(k, 1), merge_mode=mode)))
-    runs: dict[str, list[dict]] = {label: [] for label, _ in jobs}
+        paths = a.grouped_kernels.split(",") if k > 1 else ["torch"]  # the grouped path serves mixed batches
+        for path in paths:
+            label = scenario if path == "torch" else f"{scenario} ({path} kernels)"
+            if scenario == "zipf1000":
+                many = many_adapters(fixture, 1000)
+                tasks = zipf_names(sorted(p.name for p in many.iterdir()), a.zipf_requests)
+                ids = prompts(a.zipf_requests, a.prompt_len, vocab)
+                jobs.append((label, path, lambda many=many, tasks=tasks, ids=ids:
+                             run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32)))
+                continue
+            ids = prompts(a.requests, a.prompt_len, vocab)
+            tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
+            for mode in a.merge_modes.split(","):
+                jobs.append((label if mode == "auto" else f"{label} ({mode})", path,
+                             lambda k=k, tasks=tasks, ids=ids, mode=mode:
+                             run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
+                                        device_capacity=max(k, 1), merge_mode=mode)))
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for round_ in range(a.rounds):  # rounds rotate through the scenarios, so drift on a shared machine hits all
-        for label, job in jobs:
+        for label, path, job in jobs:
+            kernels.enable(path == "triton")
             result = job()
+            kernels.enable(False)
             runs[label].append(result)
             if a.rounds > 1:
                 print(json.dumps({"round": round_ + 1, "scenario": label, "tok_per_s": round(result["tok_per_s"], 2)}),
@@ -166,13 +181,14 @@ def main() -> None:
     del adapted, model
     ids = prompts(a.requests, a.prompt_len, vocab)
     peers = [p for p in a.peers.split(",") if p]
+    on = {"device": a.device, "dtype": getattr(torch, a.dtype)}
     if "hf" in peers:
-        emit({"system": "transformers", "scenario": "base", **hf_static_generate(fixture / "base", ids, a.new)})
+        emit({"system": "transformers", "scenario": "base", **hf_static_generate(fixture / "base", ids, a.new, **on)})
     if "peft" in peers:
         for scenario in scenarios:
             if scenario != "zipf1000":
                 emit({"system": "peft", "scenario": scenario,
-                      **peft_generate(fixture, ids, a.new, SCENARIOS[scenario], names)})
+                      **peft_generate(fixture, ids, a.new, SCENARIOS[scenario], names, **on)})
     print_table(rows, a)
 
 
@@ -190,8 +206,9 @@ def print_table(rows: list[dict], a: argparse.Namespace) -> None:
     for r in rows:
         if r["scenario"] == "cold_load":
             print(f"\ncold load p50 {r['cold_load_p50_ms']:.1f} ms, max {r['cold_load_max_ms']:.1f} ms")
-    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, preset {a.preset}, rank {a.rank}")
+    device = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine()
+    print(f"\nmachine: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {a.dtype}, "
+          f"preset {a.preset}, rank {a.rank}")
 
 
 if __name__ == "__main__":
