@@ -615,3 +615,31 @@ def test_the_factor_pool_gets_a_slot_per_adapter_the_device_holds(world):
     assert world.adapted.factor_pool._reserved == 4  # a batch stacks at most one adapter per sequence
     engine(world, manager, max_slots=16)
     assert world.adapted.factor_pool._reserved == 5
+
+
+# ---- on CUDA (marked gpu; skipped where torch sees no GPU, as in CI) ----
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grouped_kernels", ["torch", "triton"])
+def test_on_cuda_a_mixed_batch_equals_each_request_alone(world, sequential, monkeypatch, grouped_kernels):
+    """The engine on the GPU, either grouped path (serve --grouped-kernels): the mixed batch equals every
+    request run alone on the GPU, and the CPU's tokens, token-exact. In float32 only: in bfloat16 the GPU's
+    matmuls round differently at different batch sizes, and a near-tie can flip (docs/design.md §12)."""
+    from loraplex.adapters import kernels
+
+    monkeypatch.setattr(kernels, "_enabled", grouped_kernels == "triton")
+    calls = []
+    original = kernels.lowrank_delta
+    monkeypatch.setattr(kernels, "lowrank_delta", lambda *a, **k: calls.append(1) or original(*a, **k))
+    adapted = AdaptedModel(lm("llama", peak=8.0).cuda())  # world.model's weights (same seed)
+
+    def make() -> Engine:
+        return Engine(adapted, world.tok, FakeManager(adapted, world.adapters), EngineConfig(max_seq_len=64, max_slots=8))
+
+    with make() as eng:
+        alone = [eng.generate(t, p, GREEDY, timeout=WAIT).token_ids for t, p in REQUESTS]
+    with make() as eng:
+        together = [h.result(WAIT).token_ids for h in [eng.submit(t, p, GREEDY) for t, p in REQUESTS]]
+    assert together == alone == [r.token_ids for r in sequential]
+    # the stacked groups went through the Triton kernels, or not at all
+    assert bool(calls) == (grouped_kernels == "triton" and kernels.triton_available())

@@ -214,7 +214,8 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.trito
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_triton_kernels_on_cuda_equal_the_reference(case):
+def test_triton_kernels_on_cuda_equal_the_reference(case, monkeypatch):
+    monkeypatch.setattr(kernels, "_enabled", True)  # serve --grouped-kernels triton
     x, idx, a, b, out = (t.cuda() for t in make_case(*case))
     assert kernels.uses_triton(x)
     before = out.clone()
@@ -229,6 +230,7 @@ def test_triton_kernels_on_cuda_equal_the_reference(case):
 @pytest.mark.gpu
 @needs_cuda
 def test_a_mixed_batch_on_cuda_through_the_kernels_equals_the_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "_enabled", True)  # serve --grouped-kernels triton
     calls = counting(monkeypatch)
     results = mixed_batch_logits(AdaptedModel(tiny_model("llama").cuda()), tmp_path)
     assert len(calls) == TARGETED_LAYERS  # the stacked path went through the kernels in every targeted layer
@@ -260,6 +262,7 @@ def test_first_use_check_keeps_wrong_or_failing_kernels_off_the_serving_path(mon
     monkeypatch.setitem(sys.modules, "loraplex.adapters.kernels.triton_bgmv", fake)
     monkeypatch.setattr(kernels, "triton_bgmv", fake, raising=False)
     monkeypatch.setattr(kernels, "_verdicts", {})
+    monkeypatch.setattr(kernels, "_enabled", True)  # serve --grouped-kernels triton
     x, idx, a, b, out = make_case(6, 33, 19, 8, 3, "float32", seed=3)
     assert kernels._first_use_check(x, idx, a, b, out) is verdict
     assert kernels._verdicts == {(x.device, x.dtype): verdict}
@@ -267,8 +270,5 @@ def test_first_use_check_keeps_wrong_or_failing_kernels_off_the_serving_path(mon
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on CUDA
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     assert kernels.uses_triton(x) is verdict
-    kernels.enable(False)
-    try:
-        assert not kernels.uses_triton(x)  # serve --grouped-kernels torch
-    finally:
-        kernels.enable(True)
+    kernels.enable(False)  # serve --grouped-kernels torch (monkeypatch restores the flag)
+    assert not kernels.uses_triton(x)

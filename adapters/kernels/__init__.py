@@ -18,13 +18,16 @@ from . import reference
 
 BACKENDS = ("triton", "torch")
 log = logging.getLogger(__name__)
-_enabled = True  # `enable(False)` (serve --grouped-kernels torch) keeps every call on the reference
+# Off unless asked for (serve --grouped-kernels triton): on an H100, decode steps are bound by host work, and
+# two Triton launches per adapted module cost more host time than the torch path's two bmm calls (workload W:
+# a32 decode step 62 ms with the kernels, 39 ms without; BENCHMARKS.md, GPU)
+_enabled = False
 _verdicts: dict[tuple[torch.device, torch.dtype], bool] = {}  # kernels agree with the reference here
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of max|reference|
 
 
 def enable(on: bool) -> None:
-    """Let `lowrank_delta` pick the Triton kernels by default (the default), or never."""
+    """Let `lowrank_delta` pick the Triton kernels by default, or never (the default)."""
     global _enabled
     _enabled = on
 
