@@ -45,6 +45,7 @@ class StepInput:
     num_decode: int
     decode_rows: torch.Tensor | None  # [n] row of slot s's token; None: slot s is row s
     decode_pos: torch.Tensor | None  # [n] position written for slot s (= kv length - 1)
+    decode_slots: torch.Tensor | None  # [n] = arange(n), the slots written (made once per step, not per layer)
     decode_lens: list[int]  # [n] kv length of slot s after this step (host copy)
     segments: list[Segment]
     logits_rows: torch.Tensor  # [B] the row whose logits each sequence needs, in run order
@@ -104,6 +105,7 @@ def build_step(runs: Sequence[SeqRun], device: torch.device | str) -> StepInput:
         num_decode=n,
         decode_rows=None if rows == list(range(n)) else device_tensor(rows, device),
         decode_pos=device_tensor(pos, device) if n else None,
+        decode_slots=torch.arange(n, device=device) if n else None,
         decode_lens=[p + 1 for p in pos],
         segments=segments,
         logits_rows=device_tensor(last_rows, device),
@@ -127,14 +129,16 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
     softcap: attention logit soft-capping (Gemma-2), which SDPA cannot do: see `_explicit_attention`.
     """
     kc, vc = cache.k[layer], cache.v[layer]  # [slots, KV, S, d]
-    out = torch.empty_like(q)
     n = step.num_decode
+    if n == q.shape[0] and step.decode_rows is None:  # decodes only, rows in slot order: nothing to scatter
+        out = None
+    else:
+        out = torch.empty_like(q)
     if n:
         rows = step.decode_rows
         qd, kd, vd = (q[:n], k[:n], v[:n]) if rows is None else (q[rows], k[rows], v[rows])  # slot order
-        slots = torch.arange(n, device=q.device)
-        kc[slots, :, step.decode_pos] = kd  # [n, KV, d] written at each slot's own position
-        vc[slots, :, step.decode_pos] = vd
+        kc[step.decode_slots, :, step.decode_pos] = kd  # [n, KV, d] written at each slot's own position
+        vc[step.decode_slots, :, step.decode_pos] = vd
         length = max(step.decode_lens)
         # grouped-query attention without expanding K/V: the G = H / KV query heads that share a KV head
         # take the place of the query-length dimension (one new token each, so no causal mask is needed)
@@ -146,6 +150,8 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         else:  # on CPU in fp32, two matmuls beat SDPA's flash kernel at these shapes (1.4-2.4x; docs/design.md §2)
             o = _explicit_attention(qg, keys, values, step.decode_mask(window), scale, softcap)
         o = o.reshape(qd.shape)  # [n, H, d]
+        if out is None:
+            return o
         if rows is None:
             out[:n] = o
         else:
