@@ -152,6 +152,7 @@ class _RequestRecord:
         self.prompt_tokens = 0
         self.generated = 0
         self.code = Code.INTERNAL
+        self._reported = False
 
     def label(self, backend: Backend, task_id: str) -> None:
         try:
@@ -175,7 +176,10 @@ class _RequestRecord:
         self.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
 
     def report(self) -> None:
-        if self.metrics is not None:
+        """Count the RPC, once: where it aborts, before the status goes out (a client that scrapes right after
+        its error must find it counted), else when the RPC ends."""
+        if self.metrics is not None and not self._reported:
+            self._reported = True
             self.metrics.request_finished(self.adapter, self.code, time.perf_counter() - self.start, self.ttft,
                                           self.prompt_tokens, self.generated)
 
@@ -316,6 +320,7 @@ async def _check_not_cancelled(result: GenerationResult, context: grpc.aio.Servi
     """The engine cancels requests itself only when it stops before they finish."""
     if result.finish_reason == FinishReason.CANCELLED:
         record.code = Code.UNAVAILABLE
+        record.report()
         await context.abort(Code.UNAVAILABLE, f"{SHUTTING_DOWN}: the request was cancelled before it finished")
 
 
@@ -326,6 +331,8 @@ async def _abort_known(exc: BaseException, context: grpc.aio.ServicerContext, re
     if record is not None:
         record.code = status[0] if status is not None else Code.INTERNAL
     if status is not None:
+        if record is not None:
+            record.report()
         await context.abort(*status)
 
 

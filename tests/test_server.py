@@ -567,3 +567,23 @@ def test_drain_past_the_grace_cancels_with_unavailable():
             list(in_flight)
         stopping.result(WAIT)
     bg.stop()
+
+
+def test_a_refused_request_is_counted_before_its_status_goes_out():
+    """A client that scrapes /metrics right after its NOT_FOUND must find that request counted: the record is
+    reported before the abort sends the status, and only once."""
+    from loraplex.adapters import UnknownTaskError
+    from loraplex.server.servicer import _abort_known, _RequestRecord
+
+    counted = []
+    record = _RequestRecord(SimpleNamespace(request_finished=lambda adapter, code, *rest: counted.append(code)))
+
+    class Context:
+        async def abort(self, code, details):
+            assert counted == [grpc.StatusCode.NOT_FOUND], "the status went out before the request was counted"
+            raise grpc.aio.AbortError()
+
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(_abort_known(UnknownTaskError("unknown task id 'x'"), Context(), record))
+    record.report()  # the RPC's end reports again: no second count
+    assert counted == [grpc.StatusCode.NOT_FOUND]
