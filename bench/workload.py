@@ -2,7 +2,7 @@
 
 usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135|llama1b] [--rank 16]
                                 [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2] [--rounds 1]
-                                [--device cpu|cuda] [--dtype float32|bfloat16]
+                                [--device cpu|cuda] [--dtype float32|bfloat16] [--grouped-kernels torch,triton]
 Prints one JSON line per measurement and a markdown table for BENCHMARKS.md. The peers run on the engine's
 device and dtype.
 """
@@ -143,7 +143,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
-    jobs = []  # (scenario label, run): every engine measurement, run once per round
+    jobs = []  # (label, grouped path, run): every engine measurement, run once per round
     for scenario in scenarios:
         k = SCENARIOS[scenario]
         paths = a.grouped_kernels.split(",") if k > 1 else ["torch"]  # the grouped path serves mixed batches
