@@ -4,7 +4,7 @@
 #          then the CPU), bench/kernels.py (the grouped-delta micro-benchmark) and, beside them, the whole suite;
 #   bench: workload W on the GPU (BENCHMARK.md: batch 64 on a 0.5B-1.5B shape; preset llama1b, bf16) with the
 #          peers, alone on the machine, with the Triton kernels as a second grouped path.
-# Both build the llama1b fixture first if it is missing (about a minute on 16 cores).
+# bench builds the llama1b fixture first if it is missing (about a minute on 16 cores).
 # usage: bench/gpu.sh tests|bench [OUT]   (after `pip install -e clients/python -e '.[test]'`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,21 +14,22 @@ out=${2:-bench/out/gpu}
 fixture=${LORAPLEX_GPU_FIXTURE:-bench/out/fixture-llama1b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 bench/fixture.py "$fixture" llama1b 32 16 >"$out/fixture.log" 2>&1 &
-builder=$!
 case $part in
 tests)
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
       python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
       python3 -c "import triton; print('triton', triton.__version__)"; } 2>&1 | tee "$out/env.txt"
-    timeout 400 python3 -m pytest -q -p no:cacheprovider >"$out/suite.log" 2>&1 &
+    # the suite on the upper half of the cores, so that the launch-bound timings below keep theirs
+    cores=$(nproc); pin=(); [ "$cores" -ge 4 ] && pin=(taskset -c "$((cores / 2))-$((cores - 1))")
+    OMP_NUM_THREADS=$((cores / 2 > 0 ? cores / 2 : 1)) timeout 400 "${pin[@]}" python3 -m pytest -q \
+        -p no:cacheprovider >"$out/suite.log" 2>&1 &
     suite=$!
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$out/gpu_tests.log" | tail -5
     timeout 120 python3 bench/kernels.py --reps 30 2>&1 | tee "$out/kernels.md"
-    wait "$suite"; tail -12 "$out/suite.log"
-    wait "$builder" ;;
+    wait "$suite"; tail -12 "$out/suite.log" ;;
 bench)
-    wait "$builder" || { echo "fixture build failed:"; tail -20 "$out/fixture.log"; exit 1; }
+    python3 bench/fixture.py "$fixture" llama1b 32 16 >"$out/fixture.log" 2>&1 \
+        || { echo "fixture build failed:"; tail -20 "$out/fixture.log"; exit 1; }
     timeout 480 python3 bench/workload.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \
         --threads 8 --rounds 3 --peers hf,peft --grouped-kernels torch,triton 2>&1 | tee "$out/workload.log" \
         | grep -v '^{"round"' ;;
