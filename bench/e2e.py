@@ -1,8 +1,9 @@
 """Workload W of BENCHMARK.md end to end: `loraplex serve` driven over gRPC by the client SDK, 64 calls at once,
 next to the in-process engine on the very same prompts, in one run.
 
-usage: python bench/e2e.py [--fixture DIR] [--preset tiny|smol135] [--rank 16] [--scenarios base,a8,a32]
+usage: python bench/e2e.py [--fixture DIR] [--preset tiny|smol135|llama1b] [--rank 16] [--scenarios base,a8,a32]
                            [--modes unary,stream] [--server subprocess|thread] [--threads 2] [--no-in-process]
+                           [--device cpu|cuda] [--dtype float32|bfloat16]
 
 The text API takes text, not token ids, so each prompt is made of the fixture's words until it tokenizes to
 exactly `--prompt-len` tokens (checked against the `prompt_tokens` the server reports). Every request asks
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the server")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="in-process and in the server")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="in-process and in the server")
     ap.add_argument("--repeat", type=int, default=3, help="rounds over every scenario and mode; the table keeps "
                     "the best of each (every run is printed)")
     ap.add_argument("--no-in-process", dest="in_process", action="store_false",
@@ -196,10 +199,10 @@ def main() -> None:
         from loraplex.adapters import AdaptedModel
         from loraplex.server.loader import load_base
 
-        model, tok = load_base(str(fixture / "base"), device="cpu", dtype="float32")
+        model, tok = load_base(str(fixture / "base"), device=a.device, dtype=a.dtype)
         adapted = AdaptedModel(model)
     server_args = ["--base-model", str(fixture / "base"), "--adapter-dir", str(adapter_dir), "--port", "0",
-                   "--metrics-port", "-1", "--device", "cpu", "--dtype", "float32", "--max-batch-size", "64",
+                   "--metrics-port", "-1", "--device", a.device, "--dtype", a.dtype, "--max-batch-size", "64",
                    "--max-seq-len", str(max_seq_len), "--device-adapters", "32", "--threads", str(a.threads),
                    "--max-queued-requests", str(max(256, a.requests))]
     server = SubprocessServer(server_args) if a.server == "subprocess" else ThreadServer(server_args)
@@ -236,7 +239,8 @@ def print_table(rows: list[dict], a: argparse.Namespace) -> None:
         own = f"{r['tok_per_s'] / base['tok_per_s']:.2f}" if base else ""
         p50, p99 = (f"{r[k]:.0f}" if k in r else "" for k in ("ttft_p50_ms", "ttft_p99_ms"))
         print(f"| {scenario} | {system} | {r['tok_per_s']:.0f} | {ratio} | {own} | {p50} | {p99} | {r['failed']} |")
-    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {a.threads}, "
+    device = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine()
+    print(f"\nmachine: {device}, {a.dtype}, torch {torch.__version__}, threads {a.threads}, "
           f"preset {a.preset}, rank {a.rank}, {a.requests} requests x {a.prompt_len} prompt + {a.new} new tokens, "
           f"server {a.server}")
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# A GPU session's checks, in two parts that each fit one device-machine command (< 10 min); logs under OUT.
+# A GPU session's checks, in parts that each fit one device-machine command (< 10 min); logs under OUT.
 #   tests: the GPU-marked tests (Triton kernels compiled on the device, the engine on CUDA, training on the GPU
 #          then the CPU), bench/kernels.py (the grouped-delta micro-benchmark) and, beside them, the whole suite;
 #   bench: workload W on the GPU (BENCHMARK.md: batch 64 on a 0.5B-1.5B shape; preset llama1b, bf16) with the
-#          peers, alone on the machine, with the Triton kernels as a second grouped path.
-# bench builds the llama1b fixture first if it is missing (about a minute on 16 cores).
-# usage: bench/gpu.sh tests|bench [OUT]   (after `pip install -e clients/python -e '.[test]'`)
+#          peers, alone on the machine, with the Triton kernels as a second grouped path;
+#   e2e:   the same workload through `loraplex serve` and the client SDK, beside the in-process engine.
+# bench and e2e build the llama1b fixture first if it is missing (about a minute on 16 cores).
+# usage: bench/gpu.sh tests|bench|e2e [OUT]   (after `pip install -e clients/python -e '.[test]'`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
-[ "$part" = tests ] || [ "$part" = bench ] || { echo "usage: bench/gpu.sh tests|bench [OUT]" >&2; exit 2; }
+case $part in tests|bench|e2e) ;; *) echo "usage: bench/gpu.sh tests|bench|e2e [OUT]" >&2; exit 2 ;; esac
 out=${2:-bench/out/gpu}
 fixture=${LORAPLEX_GPU_FIXTURE:-bench/out/fixture-llama1b}
 mkdir -p "$out"
@@ -27,10 +28,14 @@ tests)
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$out/gpu_tests.log" | tail -5
     timeout 120 python3 bench/kernels.py --reps 30 2>&1 | tee "$out/kernels.md"
     wait "$suite"; tail -12 "$out/suite.log" ;;
-bench)
+bench|e2e)
     python3 bench/fixture.py "$fixture" llama1b 32 16 >"$out/fixture.log" 2>&1 \
-        || { echo "fixture build failed:"; tail -20 "$out/fixture.log"; exit 1; }
+        || { echo "fixture build failed:"; tail -20 "$out/fixture.log"; exit 1; } ;;&
+bench)
     timeout 480 python3 bench/workload.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \
         --threads 8 --rounds 3 --peers hf,peft --grouped-kernels torch,triton 2>&1 | tee "$out/workload.log" \
         | grep -v '^{"round"' ;;
+e2e)
+    timeout 480 python3 bench/e2e.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \
+        --threads 8 2>&1 | tee "$out/e2e.log" | grep -v '^{' ;;
 esac
