@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
+    if not set(a.grouped_kernels.split(",")) <= {"torch", "triton"}:
+        ap.error(f"--grouped-kernels takes torch and/or triton, not {a.grouped_kernels!r}")
     torch.set_num_threads(a.threads)
     scenarios = [s for s in a.scenarios.split(",") if s]
     fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
