@@ -4,7 +4,8 @@
 #          then the CPU), bench/kernels.py (the grouped-delta micro-benchmark) and, beside them, the whole suite;
 #   bench: workload W on the GPU (BENCHMARK.md: batch 64 on a 0.5B-1.5B shape; preset llama1b, bf16) with the
 #          peers, alone on the machine, with the Triton kernels as a second grouped path;
-#   e2e:   the same workload through `loraplex serve` and the client SDK, beside the in-process engine.
+#   e2e:   the same workload through `loraplex serve` and the client SDK, beside the in-process engine; then
+#          bench/profile_steps.py at 0 and 32 adapters (device kernel time per step, the costliest operations).
 # bench and e2e build the llama1b fixture first if it is missing (about a minute on 16 cores).
 # usage: bench/gpu.sh tests|bench|e2e [OUT]   (after `pip install -e clients/python -e '.[test]'`)
 set -uo pipefail
@@ -37,5 +38,9 @@ bench)
         | grep -v '^{"round"' ;;
 e2e)
     timeout 480 python3 bench/e2e.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \
-        --threads 8 2>&1 | tee "$out/e2e.log" | grep -v '^{' ;;
+        --threads 8 2>&1 | tee "$out/e2e.log" | grep -v '^{'
+    for k in 0 32; do
+        timeout 120 python3 bench/profile_steps.py "$fixture" --adapters "$k" --threads 8 >"$out/profile$k.txt" 2>&1
+        grep "per step" "$out/profile$k.txt"
+    done ;;
 esac
