@@ -128,10 +128,13 @@ def test_optional_layouts_match_hf(arch, options):
                                atol=ATOL, rtol=0)
 
 
-def test_sliding_window_matches_hf():
+# float32 on CPU takes decode attention's explicit matmuls; any other dtype (float64 here) takes SDPA, as a GPU does
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["explicit", "sdpa"])
+def test_sliding_window_matches_hf(dtype):
+    """Decodes of two lengths past the window: the per-step mask hides each slot's tail and what left the window."""
     torch.manual_seed(0)
     config = MistralConfig(**{**ARCHITECTURES["llama"]().to_dict(), "sliding_window": 4, "model_type": "mistral"})
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval().to(dtype)
     adapted = AdaptedModel(model)
     forward = build_forward(model)
     assert forward.windows == [4, 4]

@@ -55,9 +55,11 @@ class StepInput:
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
 
-    def decode_mask(self, window: int | None) -> torch.Tensor | None:
-        """[n, 1, 1, L] bool (True = attend) for the decode view, or None when every key is visible."""
-        key = window
+    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """[n, 1, 1, L] additive mask of `dtype` (0 = attend, -inf = hidden) for the decode view, or None when
+        every key is visible. Made once per step and shared by every layer: given a bool mask, SDPA would
+        convert it to this on every call."""
+        key = (window, dtype)
         if key not in self._masks:
             lens = self.decode_lens
             longest = max(lens)
@@ -70,7 +72,8 @@ class StepInput:
                 mask = cols < kv
                 if window is not None:
                     mask &= cols >= kv - window
-                self._masks[key] = mask[:, None, None, :]
+                additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+                self._masks[key] = additive[:, None, None, :]
         return self._masks[key]
 
 
@@ -146,9 +149,10 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         qg = qd.reshape(n, kv_heads, -1, qd.shape[-1])  # [n, KV, G, d]
         keys, values = kc[:n, :, :length], vc[:n, :, :length]  # [n, KV, L, d]
         if softcap is None and not (q.device.type == "cpu" and q.dtype == torch.float32):
-            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.decode_mask(window), scale=scale)
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.decode_mask(window, q.dtype),
+                                               scale=scale)
         else:  # on CPU in fp32, two matmuls beat SDPA's flash kernel at these shapes (1.4-2.4x; docs/design.md §2)
-            o = _explicit_attention(qg, keys, values, step.decode_mask(window), scale, softcap)
+            o = _explicit_attention(qg, keys, values, step.decode_mask(window, q.dtype), scale, softcap)
         o = o.reshape(qd.shape)  # [n, H, d]
         if out is None:
             return o
@@ -188,12 +192,12 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """Attention as two matmuls, for what SDPA cannot do (soft-capped scores, softcap * tanh(scores / softcap),
     before the mask, as HF's eager Gemma-2 attention does) or does slower (fp32 decode on CPU).
     q [..., G, T, d], k/v [..., 1 or G, S, d] (KV heads broadcast over their G query heads), mask broadcastable
-    to [..., G, T, S] (True = attend); every query sees some key."""
+    to [..., G, T, S]: bool (True = attend) or additive (0 or -inf); every query sees some key."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
 
