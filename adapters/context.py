@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import kernels
 from .grouped import MAX_GROUP_ROWS, StackRun, add_stacked_deltas, plan_runs
 
 if TYPE_CHECKING:
@@ -38,14 +39,15 @@ class StackedGroups:
     """Groups served together from their slots of the factor pool (grouped.py) instead of one by one."""
 
     pool: "FactorPool"
-    runs: tuple[StackRun, ...]
+    runs: tuple[StackRun, ...]  # the torch path's layout, built with the context (before the forward)
     slot_rows: tuple[tuple[int, torch.Tensor], ...]  # (slot, its rows on the CPU) per group
     num_rows: int
     device: torch.device | str
 
     @functools.cached_property
     def slot_index(self) -> torch.Tensor:
-        """[num_rows] int32: each row's slot, -1 where none (the kernels' layout; built only if they run)."""
+        """[num_rows] int32: each row's slot, -1 where none (the Triton kernels' layout; built only if they
+        run)."""
         index = torch.full((self.num_rows,), -1, dtype=torch.int32)
         for slot, rows in self.slot_rows:
             index[rows] = slot
@@ -54,8 +56,12 @@ class StackedGroups:
     def add_deltas(self, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out [n, d_out] += the stacked groups' deltas of `module` for x [n, d_in], in place."""
         factors = self.pool.factors(module)
-        if factors is not None:
-            add_stacked_deltas(out, x, factors, self.runs, lambda: self.slot_index)
+        if factors is None:
+            return
+        if kernels.uses_triton(x):
+            kernels.lowrank_delta(x, self.slot_index, *factors, out)
+        else:
+            add_stacked_deltas(out, x, factors, self.runs)
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,16 @@ s·B [P, d_out, r]): rows are laid out padded per group, [G, m, d_in], and two `
 groups' slots serve them all at once. Groups whose slots are not consecutive are served as a few runs
 (`plan_runs`). The per-group loop in `AdaptedLinear` is the reference this path is tested against.
 
-On CUDA with triton importable, `add_stacked_deltas` instead runs the BGMV kernels of `kernels/` over the
-rows in place, indexed by each row's slot: no padded copy of the rows, one launch for every run.
+On CUDA with the Triton kernels enabled (serve --grouped-kernels triton), `context.StackedGroups` instead runs the
+BGMV kernels of `kernels/` over the rows in place, indexed by each row's slot: no padded copy of the rows, one
+launch for every run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from . import kernels
 
 MAX_GROUP_ROWS = 16  # a group with more rows (a prompt) is served faster by the per-group loop's large matmuls
 
@@ -90,14 +88,10 @@ def grouped_delta(x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], pl
 
 
 def add_stacked_deltas(out: torch.Tensor, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor],
-                       runs: tuple[StackRun, ...], slot_index: Callable[[], torch.Tensor]) -> None:
-    """out [n, d_out] += every stacked group's delta, in place. factors: the pool's (A [P, r, d_in],
-    s·B [P, d_out, r]); slot_index() -> [n] int32: each row's slot, -1 where none (the kernels' layout, asked
-    for only when they run)."""
+                       runs: tuple[StackRun, ...]) -> None:
+    """out [n, d_out] += every run's groups' deltas, in place. factors: the pool's (A [P, r, d_in],
+    s·B [P, d_out, r])."""
     a_all, b_all = factors
-    if kernels.uses_triton(x):
-        kernels.lowrank_delta(x, slot_index(), a_all, b_all, out)
-        return
     for run in runs:
         add_grouped_delta(out, x, (a_all[run.lo:run.hi], b_all[run.lo:run.hi]), run.plan)
 
