@@ -5,7 +5,7 @@ group and layer costs more in dispatch than in arithmetic. Families whose delta 
 (`BoundAdapter.lowrank_factors`) are instead served from their slots of the `FactorPool` (A [P, r, d_in],
 s·B [P, d_out, r]): rows are laid out padded per group, [G, m, d_in], and two `bmm`s over a view of the
 groups' slots serve them all at once. Groups whose slots are not consecutive are served as a few runs
-(`plan_runs`). The per-group loop in `AdaptedLinear` is the reference this path is tested against.
+(`plan_runs`); a run whose padding would dwarf its rows keeps a narrower width (`MAX_PADDED_ROWS`). The per-group loop in `AdaptedLinear` is the reference this path is tested against.
 
 On CUDA with the Triton kernels enabled (serve --grouped-kernels triton), `context.StackedGroups` instead runs the
 BGMV kernels of `kernels/` over the rows in place, indexed by each row's slot: no padded copy of the rows, one
@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 
 MAX_GROUP_ROWS = 16  # a group with more rows (a prompt) is served faster by the per-group loop's large matmuls
+# A run pads its groups to the widest; with skewed groups (one popular adapter among many singletons) that is
+# mostly padding, and on a 2-core CPU a padded layout of 256 or more rows ran 5-10x slower than one of 128
+# (BENCHMARKS.md, zipf1000). Past this many padded rows, a run keeps its width to what fits and serves each
+# group's rows beyond it (`StackRun.overflow`) with two matmuls on that group's slot.
+MAX_PADDED_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,30 @@ class PaddedRows:
 
 @dataclass(frozen=True)
 class StackRun:
-    """Groups in the consecutive slots [lo, hi) of the pool, served by one pair of `bmm`s."""
+    """Groups in the consecutive slots [lo, hi) of the pool, served by one pair of `bmm`s; the rows past the
+    run's width, if any, by two matmuls each (slot, rows)."""
 
     lo: int
     hi: int
     plan: PaddedRows
+    overflow: tuple[tuple[int, slice | torch.Tensor], ...] = ()
+
+    @staticmethod
+    def build(slot_rows: list[tuple[int, torch.Tensor]], device: torch.device | str) -> "StackRun":
+        """slot_rows: (slot, rows) of consecutive slots, with no slot missing."""
+        widest = max(len(rows) for _, rows in slot_rows)
+        width = widest if len(slot_rows) * widest <= MAX_PADDED_ROWS else max(1, MAX_PADDED_ROWS // len(slot_rows))
+        overflow = tuple((slot, _as_rows(rows[width:], device)) for slot, rows in slot_rows if len(rows) > width)
+        plan = PaddedRows.build([rows[:width] for _, rows in slot_rows], device)
+        return StackRun(slot_rows[0][0], slot_rows[-1][0] + 1, plan, overflow)
+
+
+def _as_rows(rows: torch.Tensor, device: torch.device | str) -> slice | torch.Tensor:
+    """A slice when the rows are consecutive (the engine's decode order), else the index on the device."""
+    first = int(rows[0])
+    if torch.equal(rows, torch.arange(first, first + len(rows))):
+        return slice(first, first + len(rows))
+    return rows.to(device)
 
 
 MAX_GAP = 1  # unused slots inside a run, read for nothing, are cheaper than another pair of bmm calls up to this
@@ -75,7 +99,7 @@ def plan_runs(slot_rows: list[tuple[int, torch.Tensor]], device: torch.device | 
             runs[-1].append((slot, rows))
         else:
             runs.append([(slot, rows)])
-    return tuple(StackRun(run[0][0], run[-1][0] + 1, PaddedRows.build([r for _, r in run], device)) for run in runs)
+    return tuple(StackRun.build(run, device) for run in runs)
 
 
 def grouped_delta(x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], plan: PaddedRows) -> torch.Tensor:
@@ -94,6 +118,12 @@ def add_stacked_deltas(out: torch.Tensor, x: torch.Tensor, factors: tuple[torch.
     a_all, b_all = factors
     for run in runs:
         add_grouped_delta(out, x, (a_all[run.lo:run.hi], b_all[run.lo:run.hi]), run.plan)
+        for slot, rows in run.overflow:
+            delta = ((x[rows] @ a_all[slot].t()) @ b_all[slot].t()).to(out.dtype)  # [k, d_out]
+            if isinstance(rows, slice):
+                out[rows] += delta
+            else:
+                out.index_add_(0, rows, delta)
 
 
 def add_grouped_delta(out: torch.Tensor, x: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor],

@@ -10,6 +10,7 @@ from families import FAMILY_TARGETS, TASKS, make_adapter, randomize
 from tiny import prompts, tiny_model
 
 from loraplex.adapters import AdaptedModel, BatchContext, adapter_class
+from loraplex.adapters import grouped
 from loraplex.adapters.grouped import PaddedRows
 
 
@@ -58,6 +59,27 @@ def test_large_groups_and_training_use_the_loop(tmp_path):
         ctx = BatchContext.build([(a, 0), (b, 0), (c, 0)], [1, 1, 20], pool=pool)
         assert [g.adapter for g in ctx.groups] == [c] and [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 2)]
     assert BatchContext.build([(a, 0), (b, 0)], 1, pool=pool).stacked is None  # grad enabled
+
+
+def test_skewed_groups_keep_a_narrow_width_and_serve_the_rest_on_their_slot(tmp_path, monkeypatch):
+    """A popular adapter among many singletons (zipf1000's decode steps): the run is not padded to the popular
+    group's width; its rows past the width are served on its slot, consecutive (a slice) or scattered."""
+    monkeypatch.setattr(grouped, "MAX_PADDED_ROWS", 16)
+    adapted = AdaptedModel(tiny_model("llama"))
+    bound = [lora(adapted, f"l{i}", i, FAMILY_TARGETS["llama"]) for i in range(6)]
+    popular, scattered, singles = bound[0], bound[1], bound[2:]
+    p, s, (a, b, c, d) = (popular, 0), (scattered, 0), [(x, 0) for x in singles]
+    plan = [p] * 7 + [s, s, a, a, s, b, b, s, c, c, d, d, (None, 0)]
+    ctx = stacked_equals_loop(adapted, plan)
+    (run,) = ctx.stacked.runs
+    assert (run.plan.groups, run.plan.width) == (6, 2)  # 6 groups x 7 rows would be 42 padded rows
+    overflow = dict(run.overflow)
+    assert overflow[pool_slot(adapted, popular)] == slice(2, 7)
+    assert overflow[pool_slot(adapted, scattered)].tolist() == [11, 14]
+
+
+def pool_slot(adapted: AdaptedModel, bound) -> int:
+    return adapted.factor_pool.slot_of(bound, 0)
 
 
 def test_padded_rows_layout():
