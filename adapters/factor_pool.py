@@ -8,6 +8,11 @@ one pool per module: A [P, r_max, d_in] and s·B [P, d_out, r_max], zero-padded 
 zero columns add nothing). A batch reads views of runs of consecutive slots; the engine orders decode rows
 by slot (`slot_of`), so a batch that keeps its adapters is one run and copies nothing.
 
+The tensors are stored transposed, Aᵀ [P, d_in, r] and (s·B)ᵀ [P, r, d_out], and handed out as views of the
+shapes above: the grouped path multiplies by Aᵀ and Bᵀ, and on a CPU those `bmm`s run faster on contiguous
+operands (at 32 adapters, the adapter work of a decode step took 30-33 ms against 37-44 ms with A and B as
+written; bench notes in BENCHMARKS.md). The Triton kernels take any strides.
+
 A slot is given back when its bound adapter is freed (a weak reference: the pool never keeps an unloaded
 adapter alive) and is reused, lowest first. Like the KV cache, the pool is sized once and then kept: the
 engine reserves as many slots as adapters can be on the device (`reserve`), and the memory is allocated, and
@@ -116,8 +121,7 @@ class FactorPool:
             rank = a.shape[0]
             if name not in self._factors:  # zeros: the slots written before lack the module
                 spec = self.specs[name]
-                self._factors[name] = (a.new_zeros(self._capacity, rank, spec.in_features),
-                                       a.new_zeros(self._capacity, spec.out_features, rank))
+                self._factors[name] = _zeros(a, self._capacity, rank, spec.in_features, spec.out_features)
             elif self._factors[name][0].shape[1] < rank:
                 self._factors[name] = _resized(*self._factors[name], self._capacity, rank)
             a_all, b_all = self._factors[name]
@@ -127,10 +131,15 @@ class FactorPool:
             b_all[slot, :, rank:] = 0
 
 
+def _zeros(like: torch.Tensor, capacity: int, rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero A [P, r, d_in] and B [P, d_out, r], as views of contiguous Aᵀ [P, d_in, r] and Bᵀ [P, r, d_out]."""
+    return (like.new_zeros(capacity, d_in, rank).transpose(1, 2),
+            like.new_zeros(capacity, rank, d_out).transpose(1, 2))
+
+
 def _resized(a: torch.Tensor, b: torch.Tensor, capacity: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of A [P, r, d_in] and B [P, d_out, r] with `capacity` slots and rank `rank`, zero-padded."""
-    new_a = a.new_zeros(capacity, rank, a.shape[2])
-    new_b = b.new_zeros(capacity, b.shape[1], rank)
+    new_a, new_b = _zeros(a, capacity, rank, a.shape[2], b.shape[1])
     new_a[: a.shape[0], : a.shape[1]] = a
     new_b[: b.shape[0], :, : b.shape[2]] = b
     return new_a, new_b
