@@ -32,6 +32,7 @@ class RowGroup:
     task: int
     rows: Rows
     num_rows: int
+    prompt: bool = False  # the rows of sequences with more than one row this pass (a low-rank adapter's only)
 
 
 @dataclass(frozen=True)
@@ -103,35 +104,56 @@ class BatchContext:
         for (adapter, task), length in zip(assignments, lengths):
             if adapter is not None and length > 0:
                 task = adapter.check_task(task)
-                key = (id(adapter), task if adapter.task_sensitive else 0)
+                # a low-rank adapter's prompts and its decode rows are two groups: the grouped path stacks them
+                # apart (its delta is row by row, so the split changes no value)
+                key = (id(adapter), task if adapter.task_sensitive else 0, adapter.stackable and length > 1)
                 owners[key] = adapter
                 spans.setdefault(key, []).append((start, start + length))
             start += length
         groups = [
-            RowGroup(owners[key], key[1], _rows(ranges, device), sum(e - s for s, e in ranges))
+            RowGroup(owners[key], key[1], _rows(ranges, device), sum(e - s for s, e in ranges), key[2])
             for key, ranges in spans.items()
         ]
-        stacked = _stack(groups, pool, device, start) if pool is not None else None
-        if stacked is not None:
-            groups = [g for g in groups if not _stackable(g)]
+        stacked = None
+        if pool is not None and not torch.is_grad_enabled():
+            stacked, chosen = _stack(groups, pool, device, start)
+            groups = [g for g in groups if not any(g is c for c in chosen)]
         return BatchContext(start, tuple(groups), tuple(assignments), stacked)
 
 
-def _stackable(group: RowGroup) -> bool:
-    return group.adapter.stackable and not group.adapter.dropout and group.num_rows <= MAX_GROUP_ROWS
+def _lowrank(group: RowGroup) -> bool:
+    return group.adapter.stackable and not group.adapter.dropout
 
 
 def _stack(groups: list[RowGroup], pool: "FactorPool", device: torch.device | str,
-           num_rows: int) -> StackedGroups | None:
-    """Stack the small low-rank groups (decode rows, also beside a prompt) when there are several; inference
-    only."""
-    chosen = [g for g in groups if _stackable(g)]
-    if len(chosen) < 2 or torch.is_grad_enabled():
-        return None
-    slot_rows = [(pool.slot(g.adapter, g.task),
-                  torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu())
-                 for g in chosen]
-    return StackedGroups(pool, plan_runs(slot_rows, device), tuple(slot_rows), num_rows, device)
+           num_rows: int) -> tuple[StackedGroups | None, list[RowGroup]]:
+    """The stacked groups of an inference step, and the groups they serve.
+
+    Small low-rank groups of decode rows (also beside a prompt) are stacked when there are several. Prompts are
+    stacked only where they form a block: equal prompts of adapters in consecutive slots, in
+    slot order (the engine's order), viewed in place. A padded copy of hundreds of prompt rows costs more than the
+    per-group loop's large matmuls (BENCHMARKS.md)."""
+    small = [g for g in groups if _lowrank(g) and not g.prompt and g.num_rows <= MAX_GROUP_ROWS]
+    large = [g for g in groups if _lowrank(g) and g.prompt]
+    runs: list[StackRun] = []
+    chosen: list[tuple[RowGroup, int, torch.Tensor]] = []  # (group, slot, rows on the CPU)
+    for part, blocks_only in ((small, False), (large, True)):
+        if len(part) < 2:
+            continue
+        slotted = [(g, pool.slot(g.adapter, g.task), _cpu_rows(g.rows)) for g in part]
+        for run in plan_runs([(slot, rows) for _, slot, rows in slotted], device):
+            if blocks_only and (run.plan.block_start is None or run.plan.groups < 2):
+                continue  # served by the loop
+            runs.append(run)
+            chosen.extend(c for c in slotted if run.lo <= c[1] < run.hi)
+    if not runs:
+        return None, []
+    stacked = StackedGroups(pool, tuple(runs), tuple((slot, rows) for _, slot, rows in chosen), num_rows, device)
+    return stacked, [g for g, _, _ in chosen]
+
+
+def _cpu_rows(rows: Rows) -> torch.Tensor:
+    return torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows.cpu()
 
 
 def _rows(ranges: list[tuple[int, int]], device: torch.device | str) -> Rows:

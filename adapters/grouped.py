@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_GROUP_ROWS = 16  # a group with more rows (a prompt) is served faster by the per-group loop's large matmuls
+MAX_GROUP_ROWS = 16  # a larger group (a prompt) is stacked only in a block of equal prompts (context._stack); a
+# padded copy of its rows costs more than the per-group loop's large matmuls
 # A run pads its groups to the widest; with skewed groups (one popular adapter among many singletons) that is
 # mostly padding, and on a 2-core CPU a padded layout of 256 or more rows ran 5-10x slower than one of 128
-# (BENCHMARKS.md, zipf1000). Past this many padded rows, a run keeps its width to what fits and serves each
-# group's rows beyond it (`StackRun.overflow`) with two matmuls on that group's slot.
+# (BENCHMARKS.md). Past this many padded rows (and unless every group is as wide: no padding), a run keeps its
+# width to what fits and serves each group's rows beyond it (`StackRun.overflow`) with two matmuls on its slot.
 MAX_PADDED_ROWS = 128
 
 
@@ -70,7 +71,9 @@ class StackRun:
     def build(slot_rows: list[tuple[int, torch.Tensor]], device: torch.device | str) -> "StackRun":
         """slot_rows: (slot, rows) of consecutive slots, with no slot missing."""
         widest = max(len(rows) for _, rows in slot_rows)
-        width = widest if len(slot_rows) * widest <= MAX_PADDED_ROWS else max(1, MAX_PADDED_ROWS // len(slot_rows))
+        unpadded = all(len(rows) == widest for _, rows in slot_rows)
+        fits = unpadded or len(slot_rows) * widest <= MAX_PADDED_ROWS
+        width = widest if fits else max(1, MAX_PADDED_ROWS // len(slot_rows))
         overflow = tuple((slot, _as_rows(rows[width:], device)) for slot, rows in slot_rows if len(rows) > width)
         plan = PaddedRows.build([rows[:width] for _, rows in slot_rows], device)
         return StackRun(slot_rows[0][0], slot_rows[-1][0] + 1, plan, overflow)

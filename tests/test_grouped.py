@@ -48,17 +48,42 @@ def test_equal_consecutive_groups_are_served_in_place(tmp_path):
     assert [run.plan.block_start for run in ctx.stacked.runs] == [0]
 
 
-def test_large_groups_and_training_use_the_loop(tmp_path):
+def test_prompts_are_stacked_only_as_blocks_and_training_uses_the_loop(tmp_path):
     adapted = AdaptedModel(tiny_model("llama"))
     a, b, c = (adapted.bind(make_adapter("lora", adapted, "llama", n, tmp_path)) for n in "abc")
     pool = adapted.factor_pool
     with torch.no_grad():
-        assert BatchContext.build([(a, 0), (b, 0)], 64, pool=pool).stacked is None  # prefill-sized
-        assert BatchContext.build([(a, 0), (b, 0)], 1, pool=pool).stacked is not None
-        # a prefill step: the prompt's group runs on the loop, the decode rows beside it are stacked
+        # equal prompts of adapters in consecutive slots: one block, viewed in place
+        ctx = BatchContext.build([(a, 0), (b, 0)], 64, pool=pool)
+        assert not ctx.groups and [(r.lo, r.hi, r.plan.block_start) for r in ctx.stacked.runs] == [(0, 2, 0)]
+        # prompts of unequal lengths would need a padded copy: the loop serves them
+        ctx = BatchContext.build([(a, 0), (b, 0)], [64, 40], pool=pool)
+        assert ctx.stacked is None and [g.adapter for g in ctx.groups] == [a, b]
+        # a prefill step: a lone prompt runs on the loop, the decode rows beside it are stacked
         ctx = BatchContext.build([(a, 0), (b, 0), (c, 0)], [1, 1, 20], pool=pool)
         assert [g.adapter for g in ctx.groups] == [c] and [(r.lo, r.hi) for r in ctx.stacked.runs] == [(0, 2)]
+        # an adapter's decode rows and its prompt are separate groups, each part stacked
+        ctx = BatchContext.build([(a, 0), (b, 0), (a, 0), (b, 0)], [1, 1, 20, 20], pool=pool)
+        assert not ctx.groups and [(r.lo, r.hi, r.plan.block_start) for r in ctx.stacked.runs] == [(0, 2, 0), (0, 2, 2)]
+        # a short prompt beside its adapter's decode row: never in the decode rows' run (one slot twice)
+        ctx = BatchContext.build([(a, 0), (b, 0), (a, 0)], [1, 1, 5], pool=pool)
+        assert [(g.adapter, g.num_rows) for g in ctx.groups] == [(a, 5)] and [r.plan.groups for r in ctx.stacked.runs] == [2]
     assert BatchContext.build([(a, 0), (b, 0)], 1, pool=pool).stacked is None  # grad enabled
+
+
+def test_a_block_of_prompts_equals_the_reference_loop(tmp_path):
+    adapted = AdaptedModel(tiny_model("llama"))
+    bound = [adapted.bind(make_adapter(f, adapted, "llama", f"{f}{i}", tmp_path, seed=i))
+             for i, f in enumerate(["lora", "gift", "mtl_lora"])]
+    plan = [(b, 1 if b.adapter.multi_task else 0) for b in bound]
+    ids = torch.stack(prompts([20] * len(plan), seed=3))  # [3, 20]: prompts longer than MAX_GROUP_ROWS
+    results = {}
+    for stacked in (False, True):
+        adapted.stacked = stacked
+        with torch.no_grad(), adapted.batch(plan, ids.shape[1]) as ctx:
+            results[stacked] = adapted.model(ids).logits
+    assert not ctx.groups and ctx.stacked.runs[0].plan.block_start == 0
+    assert (results[True] - results[False]).abs().max() <= 1e-5
 
 
 def test_skewed_groups_keep_a_narrow_width_and_serve_the_rest_on_their_slot(tmp_path, monkeypatch):
