@@ -130,9 +130,9 @@ def _stack(groups: list[RowGroup], pool: "FactorPool", device: torch.device | st
     """The stacked groups of an inference step, and the groups they serve.
 
     Small low-rank groups of decode rows (also beside a prompt) are stacked when there are several. Prompts are
-    stacked only where they form a block: equal prompts of adapters in consecutive slots, in
-    slot order (the engine's order), viewed in place. A padded copy of hundreds of prompt rows costs more than the
-    per-group loop's large matmuls (BENCHMARKS.md)."""
+    stacked only where they form a block (equal prompts of adapters in consecutive slots, in slot order: the
+    engine's order), viewed in place: a padded copy of hundreds of prompt rows costs more than the per-group
+    loop's large matmuls (BENCHMARKS.md)."""
     small = [g for g in groups if _lowrank(g) and not g.prompt and g.num_rows <= MAX_GROUP_ROWS]
     large = [g for g in groups if _lowrank(g) and g.prompt]
     runs: list[StackRun] = []

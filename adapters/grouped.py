@@ -5,7 +5,8 @@ group and layer costs more in dispatch than in arithmetic. Families whose delta 
 (`BoundAdapter.lowrank_factors`) are instead served from their slots of the `FactorPool` (A [P, r, d_in],
 s·B [P, d_out, r]): rows are laid out padded per group, [G, m, d_in], and two `bmm`s over a view of the
 groups' slots serve them all at once. Groups whose slots are not consecutive are served as a few runs
-(`plan_runs`); a run whose padding would dwarf its rows keeps a narrower width (`MAX_PADDED_ROWS`). The per-group loop in `AdaptedLinear` is the reference this path is tested against.
+(`plan_runs`); a run whose padding would dwarf its rows keeps a narrower width (`MAX_PADDED_ROWS`). The
+per-group loop in `AdaptedLinear` is the reference this path is tested against.
 
 On CUDA with the Triton kernels enabled (serve --grouped-kernels triton), `context.StackedGroups` instead runs the
 BGMV kernels of `kernels/` over the rows in place, indexed by each row's slot: no padded copy of the rows, one
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_GROUP_ROWS = 16  # a larger group (a prompt) is stacked only in a block of equal prompts (context._stack); a
-# padded copy of its rows costs more than the per-group loop's large matmuls
+# A larger group of decode rows stays on the per-group loop; prompts are stacked only as a block of equal prompts
+# (context._stack): a padded copy of their rows costs more than the loop's large matmuls.
+MAX_GROUP_ROWS = 16
+
 # A run pads its groups to the widest; with skewed groups (one popular adapter among many singletons) that is
 # mostly padding, and on a 2-core CPU a padded layout of 256 or more rows ran 5-10x slower than one of 128
 # (BENCHMARKS.md). Past this many padded rows (and unless every group is as wide: no padding), a run keeps its
