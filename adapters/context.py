@@ -117,7 +117,8 @@ class BatchContext:
         stacked = None
         if pool is not None and not torch.is_grad_enabled():
             stacked, chosen = _stack(groups, pool, device, start)
-            groups = [g for g in groups if not any(g is c for c in chosen)]
+            served = {id(g) for g in chosen}
+            groups = [g for g in groups if id(g) not in served]
         return BatchContext(start, tuple(groups), tuple(assignments), stacked)
 
 
