@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -65,7 +66,9 @@ class EngineConfig:
     merge_mode: str = "auto"  # "auto" | "merge" | "batch" (see docs/design.md)
     merge_after_steps: int = 16  # auto: homogeneous steps in a row before merging
     prefetch_lookahead: int = 4  # queued requests whose adapters are warmed while no slot is free
-    adapter_wait_s: float = 2.0  # a request waiting this long for its adapter stops others overtaking it
+    # a request waiting this long for its adapter stops requests that need a device slot overtaking it, and
+    # one running adapter drains to free a slot for it (docs/design.md §4)
+    adapter_wait_s: float = 2.0
     eos_token_ids: Sequence[int] | None = None  # None: the tokenizer's and the model's generation config
     idle_poll_s: float = 0.005  # loop wake-up while queued requests wait for an adapter load
     observer: EngineObserver | None = None
@@ -117,6 +120,7 @@ class _Seq:
     text: list[str] = field(default_factory=list)
     t_admit: float | None = None
     t_blocked: float | None = None  # when its adapter was first found not on the device
+    drain: str | None = None  # the running adapter that takes no new request while this one is starved
     t_first: float | None = None
 
     @property
@@ -375,16 +379,21 @@ class Engine:
         """Move queued requests into free slots, in order, within the prefill budget.
 
         A request whose adapter is not on the device yet stays queued without holding back the ones behind
-        it, for up to `adapter_wait_s`. After that, nothing behind it is admitted until it is: when every
-        device slot of the manager is leased, only letting the running requests drain frees one, and
-        requests for the resident adapters arriving all the time would otherwise starve it."""
+        it. Once it has waited `adapter_wait_s`, it is starved: it holds back the requests behind it that would
+        take a device slot (their adapters are not running), and the running adapter with the fewest rows
+        takes no new request until it drains, which frees a slot for it. Requests for the other running
+        adapters and for the base model still join, so the batch stays full (docs/design.md §4)."""
         with self._lock:
             queued = list(self._waiting)
         admitted: list[_Seq] = []
         budget = self.config.max_prefill_tokens
         lookahead = self.config.prefetch_lookahead
+        rows = Counter(s.adapter for s in self._running if s.adapter)  # running rows per adapter
+        starved: _Seq | None = None  # the first request past adapter_wait_s
         full = False
         for seq in queued:
+            if starved is not None and seq.adapter and (seq.adapter == starved.drain or seq.adapter not in rows):
+                continue  # it would take the device slot the starved request waits for
             full = full or self.slots.free == 0 or (bool(admitted) and len(seq.prompt) > budget)
             if full:  # no room this step: warm the adapters of the next few in line
                 if lookahead <= 0:
@@ -396,7 +405,10 @@ class Engine:
                 lease = self.manager.acquire(seq.adapter) if seq.adapter else None
                 if seq.adapter and lease is None:  # loading in the background, or no device slot: retry
                     seq.t_blocked = seq.t_blocked or now()
-                    full = now() - seq.t_blocked >= self.config.adapter_wait_s
+                    if starved is None and now() - seq.t_blocked >= self.config.adapter_wait_s:
+                        starved = seq
+                        if seq.drain not in rows:
+                            seq.drain = self._drain_choice(rows)
                     continue
                 seq.lease, seq.bound = lease, (lease.bound if lease is not None else None)
                 seq.sampler = RowSampler.create(seq.params, self.device)
@@ -412,7 +424,15 @@ class Engine:
             self._running.append(seq)
             admitted.append(seq)
             budget -= len(seq.prompt)
+            if seq.adapter:
+                rows[seq.adapter] += 1
         return admitted
+
+    def _drain_choice(self, rows: Counter) -> str | None:
+        """The running adapter to drain for a starved request: the unpinned one with the fewest rows (a
+        pinned adapter keeps its slot when it drains)."""
+        candidates = [name for name in rows if not self.manager.is_pinned(name)]
+        return min(candidates, key=lambda name: (rows[name], name)) if candidates else None
 
     def _prefetch(self, seq: _Seq) -> None:
         """Warm the adapter of a request that cannot run yet (a lease taken now is given back at once)."""

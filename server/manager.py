@@ -377,6 +377,12 @@ class AdapterManager:
         with self._lock:
             self._get_locked(name).pinned = False
 
+    def is_pinned(self, name: str) -> bool:
+        """Whether `name` is pinned (False for a name not served)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is not None and entry.pinned
+
     def close(self) -> None:
         """Stop the worker threads (queued loads are cancelled). Leases keep working."""
         with self._changed:

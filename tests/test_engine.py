@@ -22,6 +22,7 @@ from loraplex.server.request import (
     InvalidRequestError,
     QueueFullError,
     SamplingParams,
+    now,
 )
 from loraplex.server.tasks import TaskRoute, routes_of
 
@@ -58,6 +59,7 @@ class FakeManager:
         self.routes = {tid: r for a in adapters.values() for tid, r in routes_of(a).items()}
         self.gate: dict[str, threading.Event] = {}
         self.broken: set[str] = set()
+        self.pinned: set[str] = set()
         self.lock = threading.Lock()
         self.leased = 0
         self.acquires = 0
@@ -80,6 +82,9 @@ class FakeManager:
         with self.lock:
             self.leased += 1
         return FakeLease(self, self.bound[name])
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self.pinned
 
 
 @pytest.fixture(scope="module")
@@ -289,17 +294,59 @@ def test_queued_requests_wait_for_their_adapter_load(world, sequential):
         assert waiting.result(WAIT).token_ids == sequential[1].token_ids
 
 
-def test_a_request_starved_of_its_adapter_stops_being_overtaken(world, sequential):
+def test_a_starved_request_holds_back_only_the_requests_that_would_take_a_device_slot(world, sequential):
     manager = FakeManager(world.adapted, world.adapters)
     manager.gate["lo1"] = threading.Event()
     with engine(world, manager, adapter_wait_s=0.0) as eng:
         starved = eng.submit(*REQUESTS[1], GREEDY)
-        behind = eng.submit(*REQUESTS[0], GREEDY)
+        base = eng.submit(*REQUESTS[0], GREEDY)
+        cold = eng.submit(*REQUESTS[3], GREEDY)  # lo2 is not running: it would take a device slot
+        assert base.result(WAIT).token_ids == sequential[0].token_ids  # the base model takes no device slot
         with pytest.raises(TimeoutError):
-            behind.result(0.3)  # held back: lo1 has waited longer than adapter_wait_s
+            cold.result(0.3)  # held back: lo1 has waited longer than adapter_wait_s
         manager.gate["lo1"].set()
         assert starved.result(WAIT).token_ids == sequential[1].token_ids
-        assert behind.result(WAIT).token_ids == sequential[0].token_ids
+        assert cold.result(WAIT).token_ids == sequential[3].token_ids
+
+
+def has_output(handle) -> bool:
+    try:
+        next(handle.stream(timeout=0))
+    except TimeoutError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("pinned", [set(), {"lo2"}])
+def test_a_starved_request_drains_the_unpinned_running_adapter_with_the_fewest_rows(world, sequential, pinned):
+    manager = FakeManager(world.adapted, world.adapters)
+    manager.pinned = pinned
+    drained, other = ("mt", "lo2") if pinned else ("lo2", "mt")  # a pinned adapter keeps its slot
+    running, late, overlaps = {}, {}, []
+
+    def step(record) -> None:  # on the engine thread, after each step
+        if drained in late and has_output(late[drained]) and not all(h.done for h in running[drained]):
+            overlaps.append(record)  # the late request ran beside the adapter draining for lo1
+
+    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    observer = SimpleNamespace(step=step, request_finished=lambda r: None)
+    with engine(world, manager, adapter_wait_s=0.0, observer=observer) as eng:
+        running["lo2"] = [eng.submit("lo2", "the task", long)]  # one row of lo2, two of mt
+        running["mt"] = [eng.submit("alpha", "ok ok a b", long), eng.submit("gamma", "end", long)]
+        for handle in running["lo2"] + running["mt"]:
+            next(handle.stream(WAIT))  # running
+        manager.gate["lo1"] = threading.Event()
+        starved = eng.submit(*REQUESTS[1], GREEDY)
+        late_index = {"lo2": 3, "mt": 4}  # REQUESTS[3] is lo2's, REQUESTS[4] mt's
+        late.update({name: eng.submit(*REQUESTS[i], GREEDY) for name, i in late_index.items()})
+        assert late[other].result(WAIT).token_ids == sequential[late_index[other]].token_ids
+        assert not any(h.done for h in running[drained])  # `other` took a request while `drained` drained
+        for handle in running[drained]:
+            handle.result(WAIT)
+        manager.gate["lo1"].set()
+        assert starved.result(WAIT).token_ids == sequential[1].token_ids
+        assert late[drained].result(WAIT).token_ids == sequential[late_index[drained]].token_ids
+    assert not overlaps
 
 
 def test_failed_adapter_load_fails_only_its_request(world, sequential):

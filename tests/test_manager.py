@@ -143,13 +143,15 @@ def test_pinned_adapter_is_not_evicted(adapted, root):
         for name in "abc":
             m.load(name, name)
         m.pin("a")
-        assert m.info("a").pinned
+        assert m.info("a").pinned and m.is_pinned("a") and not m.is_pinned("b")
+        assert not m.is_pinned("not served")  # the engine asks about adapters that may have been unloaded
         m.acquire("b").release()  # a is least recently used, but pinned
         assert m.wait_resident("c", WAIT)
         assert residency(m) == {"a": "device", "b": "host", "c": "device"}
         with pytest.raises(AdapterCapacityError):  # a second pin would leave no slot for the rest
             m.pin("b")
         m.unpin("a")
+        assert not m.is_pinned("a")
         m.acquire("c").release()
         assert m.wait_resident("b", WAIT)
         assert residency(m) == {"a": "host", "b": "device", "c": "device"}
