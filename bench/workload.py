@@ -120,7 +120,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="run every engine scenario this many times, in rotation, "
-                    "and report the run of median throughput (the peers run once)")
+                    "and report the run of median throughput; a scenario's ratio to base is then the median of its "
+                    "rounds' ratios to the base run of the same round (the peers run once)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype of the engine (base model and bound adapters) and of the peers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine and the peers run")
@@ -177,8 +178,14 @@ def main() -> None:
                       flush=True)
     for label, measured in runs.items():
         median = sorted(measured, key=lambda r: r["tok_per_s"])[(len(measured) - 1) // 2]
-        emit({"system": "loraplex", "scenario": label, **median,
-              **({"tok_per_s_rounds": [round(r["tok_per_s"], 1) for r in measured]} if a.rounds > 1 else {})})
+        extra = {}
+        if a.rounds > 1:
+            extra["tok_per_s_rounds"] = [round(r["tok_per_s"], 1) for r in measured]
+            if "base" in runs:  # each round's ratio to the base run beside it: drift between rounds cancels
+                ratios = [r["tok_per_s"] / b["tok_per_s"] for r, b in zip(measured, runs["base"])]
+                extra["ratio_rounds"] = [round(x, 2) for x in ratios]
+                extra["ratio_p50"] = statistics.median(ratios)
+        emit({"system": "loraplex", "scenario": label, **median, **extra})
     emit({"system": "loraplex", "scenario": "cold_load", **cold_load(adapted, adapter_dir, names[:20])})
     del adapted, model
     ids = prompts(a.requests, a.prompt_len, vocab)
@@ -196,15 +203,18 @@ def main() -> None:
 
 def print_table(rows: list[dict], a: argparse.Namespace) -> None:
     base = {r["system"]: r["tok_per_s"] for r in rows if r.get("scenario") == "base"}
-    print(f"\n| system | scenario | tok/s | / own base | TTFT p50 ms | TTFT p99 ms | failed |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| system | scenario | tok/s | / own base | TTFT p50 ms | TTFT p99 ms | failed | rounds: tok/s (/ base) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tok_per_s" not in r:
             continue
-        ratio = r["tok_per_s"] / base[r["system"]] if r["system"] in base else float("nan")
+        ratio = r.get("ratio_p50", r["tok_per_s"] / base[r["system"]] if r["system"] in base else float("nan"))
         p50, p99 = r.get("ttft_p50_ms"), r.get("ttft_p99_ms")
+        rounds = ", ".join(f"{t:.0f}" + (f" ({x:.2f})" if x is not None else "") for t, x in
+                           zip(r.get("tok_per_s_rounds", []), r.get("ratio_rounds", [None] * a.rounds)))
         print(f"| {r['system']} | {r['scenario']} | {r['tok_per_s']:.0f} | {ratio:.2f} | "
-              f"{'' if p50 is None else f'{p50:.0f}'} | {'' if p99 is None else f'{p99:.0f}'} | {r.get('failed', '')} |")
+              f"{'' if p50 is None else f'{p50:.0f}'} | {'' if p99 is None else f'{p99:.0f}'} | {r.get('failed', '')} "
+              f"| {rounds} |")
     for r in rows:
         if r["scenario"] == "cold_load":
             print(f"\ncold load p50 {r['cold_load_p50_ms']:.1f} ms, max {r['cold_load_max_ms']:.1f} ms")
