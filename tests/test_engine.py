@@ -323,8 +323,13 @@ def test_a_starved_request_drains_the_unpinned_running_adapter_with_the_fewest_r
     manager.pinned = pinned
     drained, other = ("mt", "lo2") if pinned else ("lo2", "mt")  # a pinned adapter keeps its slot
     running, late, overlaps = {}, {}, []
+    paused, resume = threading.Event(), threading.Event()
 
     def step(record) -> None:  # on the engine thread, after each step
+        handles = running.get("lo2", []) + running.get("mt", [])
+        if not paused.is_set() and len(handles) == 3 and all(has_output(h) for h in handles):
+            paused.set()  # all three run: hold the engine while the test submits the rest
+            resume.wait(WAIT)
         if drained in late and has_output(late[drained]) and not all(h.done for h in running[drained]):
             overlaps.append(record)  # the late request ran beside the adapter draining for lo1
 
@@ -333,12 +338,12 @@ def test_a_starved_request_drains_the_unpinned_running_adapter_with_the_fewest_r
     with engine(world, manager, adapter_wait_s=0.0, observer=observer) as eng:
         running["lo2"] = [eng.submit("lo2", "the task", long)]  # one row of lo2, two of mt
         running["mt"] = [eng.submit("alpha", "ok ok a b", long), eng.submit("gamma", "end", long)]
-        for handle in running["lo2"] + running["mt"]:
-            next(handle.stream(WAIT))  # running
+        assert paused.wait(WAIT)
         manager.gate["lo1"] = threading.Event()
         starved = eng.submit(*REQUESTS[1], GREEDY)
         late_index = {"lo2": 3, "mt": 4}  # REQUESTS[3] is lo2's, REQUESTS[4] mt's
         late.update({name: eng.submit(*REQUESTS[i], GREEDY) for name, i in late_index.items()})
+        resume.set()
         assert late[other].result(WAIT).token_ids == sequential[late_index[other]].token_ids
         assert not any(h.done for h in running[drained])  # `other` took a request while `drained` drained
         for handle in running[drained]:
