@@ -107,6 +107,36 @@ def cold_load(adapted: AdaptedModel, adapter_dir: Path, names: list[str]) -> dic
     return {"cold_load_p50_ms": 1000 * statistics.median(times), "cold_load_max_ms": 1000 * max(times)}
 
 
+def cold_ttft(adapted: AdaptedModel, tokenizer, adapter_dir: Path, names: list[str], ids: list[int]) -> dict:
+    """TTFT of a request whose adapter is on the disk tier minus the TTFT of the same request once the adapter is
+    on the device, one request at a time on an idle engine, paired per adapter (the prefill of both costs the
+    same; the cold one also waits for the read, validation and bind, and for the engine's next poll: `queue`)."""
+    collector = Collector()
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    cold, warm, queue = [], [], []
+    with AdapterManager(adapted, adapter_dir, host_capacity=2, device_capacity=2) as manager:
+        for name in names:  # each registration pushes the earlier ones out of the 2-adapter tiers, to disk
+            manager.load(name, name)
+        config = EngineConfig(max_slots=4, max_seq_len=len(ids) + 8, observer=collector)
+        with Engine(adapted, tokenizer, manager, config) as engine:
+            engine.generate("", ids, params)
+            for name in names:
+                if manager.info(name).residency != "disk":  # the first two stayed on the device
+                    continue
+                for times in (cold, warm):
+                    collector.records.clear()
+                    engine.generate(name, ids, params, timeout=60)
+                    times.append(collector.records[0].ttft_s)
+                    if times is cold:
+                        queue.append(collector.records[0].queue_s)
+    if len(cold) < len(names) // 2:
+        raise RuntimeError(f"only {len(cold)} of {len(names)} adapters were on disk when asked for")
+    delta = [c - w for c, w in zip(cold, warm)]
+    return {"cold_ttft_p50_ms": 1000 * statistics.median(cold), "warm_ttft_p50_ms": 1000 * statistics.median(warm),
+            "cold_minus_warm_p50_ms": 1000 * statistics.median(delta), "cold_minus_warm_max_ms": 1000 * max(delta),
+            "cold_queue_p50_ms": 1000 * statistics.median(queue), "cold_pairs": len(delta)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixture", type=Path, default=Path("bench/out/fixture"))
@@ -187,6 +217,8 @@ def main() -> None:
                 extra["ratio_p50"] = statistics.median(ratios)
         emit({"system": "loraplex", "scenario": label, **median, **extra})
     emit({"system": "loraplex", "scenario": "cold_load", **cold_load(adapted, adapter_dir, names[:20])})
+    emit({"system": "loraplex", "scenario": "cold_ttft",
+          **cold_ttft(adapted, tokenizer, adapter_dir, names, prompts(1, a.prompt_len, vocab)[0])})
     del adapted, model
     ids = prompts(a.requests, a.prompt_len, vocab)
     peers = [p for p in a.peers.split(",") if p]
@@ -218,6 +250,11 @@ def print_table(rows: list[dict], a: argparse.Namespace) -> None:
     for r in rows:
         if r["scenario"] == "cold_load":
             print(f"\ncold load p50 {r['cold_load_p50_ms']:.1f} ms, max {r['cold_load_max_ms']:.1f} ms")
+        if r["scenario"] == "cold_ttft":
+            print(f"TTFT of a request to an adapter on disk {r['cold_ttft_p50_ms']:.1f} ms p50, on the device "
+                  f"{r['warm_ttft_p50_ms']:.1f} ms: cold - warm p50 {r['cold_minus_warm_p50_ms']:.1f} ms, max "
+                  f"{r['cold_minus_warm_max_ms']:.1f} ms ({r['cold_pairs']} adapters; the cold one's wait for its "
+                  f"adapter p50 {r['cold_queue_p50_ms']:.1f} ms)")
     device = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine()
     print(f"\nmachine: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {a.dtype}, "
           f"preset {a.preset}, rank {a.rank}")
