@@ -31,6 +31,7 @@ from loraplex.server.manager import AdapterManager  # noqa: E402
 from loraplex.server.request import SamplingParams  # noqa: E402
 
 SCENARIOS = {"base": 0, "a1": 1, "a8": 8, "a32": 32, "zipf1000": 1000}
+HF = "transformers generate"  # the label of the transformers peer when it runs in every round
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -151,7 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="run every engine scenario this many times, in rotation, "
                     "and report the run of median throughput; a scenario's ratio to base is then the median of its "
-                    "rounds' ratios to the base run of the same round (the peers run once)")
+                    "rounds' ratios to the base run of the same round. transformers (--peers hf) then runs beside base in "
+                    "every round too; PEFT runs once")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype of the engine (base model and bound adapters) and of the peers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine and the peers run")
@@ -196,6 +198,14 @@ def main() -> None:
                              lambda k=k, tasks=tasks, ids=ids, mode=mode:
                              run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
                                         device_capacity=max(k, 1), merge_mode=mode)))
+    peers = [p for p in a.peers.split(",") if p]
+    on = {"device": a.device, "dtype": getattr(torch, a.dtype)}
+    hf_each_round = "hf" in peers and "base" in scenarios and a.rounds > 1
+    if hf_each_round:  # beside the engine's base run in every round, for a paired engine / transformers ratio
+        ids = prompts(a.requests, a.prompt_len, vocab)
+        after_base = 1 + next(i for i, (label, _, _) in enumerate(jobs) if label == "base")
+        jobs.insert(after_base, (HF, "torch", lambda ids=ids: hf_static_generate(
+            fixture / "base", ids, a.new, **on)))
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for round_ in range(a.rounds):  # rounds rotate through the scenarios, so drift on a shared machine hits all
         for label, path, job in jobs:
@@ -211,19 +221,22 @@ def main() -> None:
         extra = {}
         if a.rounds > 1:
             extra["tok_per_s_rounds"] = [round(r["tok_per_s"], 1) for r in measured]
-            if "base" in runs:  # each round's ratio to the base run beside it: drift between rounds cancels
-                ratios = [r["tok_per_s"] / b["tok_per_s"] for r, b in zip(measured, runs["base"])]
-                extra["ratio_rounds"] = [round(x, 2) for x in ratios]
-                extra["ratio_p50"] = statistics.median(ratios)
-        emit({"system": "loraplex", "scenario": label, **median, **extra})
+        if a.rounds > 1 and label == HF:  # the engine's base against transformers, round by round
+            ratios = [b["tok_per_s"] / r["tok_per_s"] for r, b in zip(measured, runs["base"])]
+            extra["engine_over_hf_rounds"] = [round(x, 2) for x in ratios]
+            extra["engine_over_hf_p50"] = statistics.median(ratios)
+        elif a.rounds > 1 and "base" in runs:  # each round's ratio to the base run beside it: drift cancels
+            ratios = [r["tok_per_s"] / b["tok_per_s"] for r, b in zip(measured, runs["base"])]
+            extra["ratio_rounds"] = [round(x, 2) for x in ratios]
+            extra["ratio_p50"] = statistics.median(ratios)
+        system, scenario = ("transformers", "base") if label == HF else ("loraplex", label)
+        emit({"system": system, "scenario": scenario, **median, **extra})
     emit({"system": "loraplex", "scenario": "cold_load", **cold_load(adapted, adapter_dir, names[:20])})
     emit({"system": "loraplex", "scenario": "cold_ttft",
           **cold_ttft(adapted, tokenizer, adapter_dir, names, prompts(1, a.prompt_len, vocab)[0])})
     del adapted, model
     ids = prompts(a.requests, a.prompt_len, vocab)
-    peers = [p for p in a.peers.split(",") if p]
-    on = {"device": a.device, "dtype": getattr(torch, a.dtype)}
-    if "hf" in peers:
+    if "hf" in peers and not hf_each_round:
         emit({"system": "transformers", "scenario": "base", **hf_static_generate(fixture / "base", ids, a.new, **on)})
     if "peft" in peers:
         for scenario in scenarios:
@@ -248,6 +261,9 @@ def print_table(rows: list[dict], a: argparse.Namespace) -> None:
               f"{'' if p50 is None else f'{p50:.0f}'} | {'' if p99 is None else f'{p99:.0f}'} | {r.get('failed', '')} "
               f"| {rounds} |")
     for r in rows:
+        if "engine_over_hf_p50" in r:
+            print(f"\nengine base / transformers, per round: {', '.join(f'{x:.2f}' for x in r['engine_over_hf_rounds'])}"
+                  f"; p50 {r['engine_over_hf_p50']:.2f}")
         if r["scenario"] == "cold_load":
             print(f"\ncold load p50 {r['cold_load_p50_ms']:.1f} ms, max {r['cold_load_max_ms']:.1f} ms")
         if r["scenario"] == "cold_ttft":
