@@ -79,6 +79,7 @@ class ServeOptions:
     max_new_tokens_limit: int | None = None
     kv_cache_gib: float = 1.0
     device_adapters: int = 32  # adapters resident on the compute device at once
+    adapter_wait: float = 2.0  # seconds a request waits for a device slot before it stops being overtaken
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
     merge_mode: str = "auto"
     grouped_kernels: str = "torch"  # triton: Triton BGMV kernels on CUDA when triton is present
@@ -101,6 +102,8 @@ class ServeOptions:
                 raise ValueError(f"--{flag.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.shutdown_grace < 0:
             raise ValueError("--shutdown-grace must be >= 0")
+        if not self.adapter_wait >= 0:
+            raise ValueError(f"--adapter-wait must be >= 0, got {self.adapter_wait}")
         if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
             raise ValueError(f"--adapter-dir {self.adapter_dir!r} is not a directory")
 
@@ -293,7 +296,7 @@ class LoraplexServer:
                               kv_cache_max_bytes=int(o.kv_cache_gib * (1 << 30)),
                               max_queued_requests=o.max_queued_requests, max_new_tokens_limit=o.max_new_tokens_limit,
                               default_max_new_tokens=o.default_max_new_tokens, max_prefill_tokens=o.max_prefill_tokens,
-                              merge_mode=o.merge_mode, observer=self._bridge)
+                              merge_mode=o.merge_mode, adapter_wait_s=o.adapter_wait, observer=self._bridge)
         self.engine = self._bridge.engine = Engine(adapted, tokenizer, self.manager, config)
         cache = self.engine.cache
         log.info("%d sequences run at once (--max-batch-size %d; KV cache %.0f MiB for --max-seq-len %d)",
@@ -505,6 +508,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="adapters resident on the device at once, LRU (default %(default)s)")
     p.add_argument("--host-adapters", type=int, metavar="N",
                    help="adapters kept in host memory, LRU (default: max(64, --device-adapters))")
+    p.add_argument("--adapter-wait", type=float, default=d.adapter_wait, metavar="SECONDS",
+                   help="when every device slot is in use, how long a request for another adapter waits before "
+                   "requests that would take a device slot stop overtaking it and one running adapter drains to "
+                   "free one (default %(default)s)")
     p.add_argument("--merge-mode", default=d.merge_mode, choices=CHOICES["merge_mode"],
                    help="when every running request uses one mergeable adapter, merge it into the weights: after "
                    "16 such steps in a row (auto), at once (merge), or never (batch)")

@@ -44,6 +44,7 @@ def test_serve_subprocess_ready_generate_and_sigterm_drain(capsys):
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--adapter-dir", "/no/such/dir"], "not a directory"),
     (["serve", "--max-batch-size", "0"], "--max-batch-size"),
+    (["serve", "--adapter-wait", "-1"], "--adapter-wait must be >= 0"),
 ])
 def test_serve_refuses_bad_flags(argv, words, caplog):
     assert main(argv) == 2
@@ -63,13 +64,23 @@ def test_serve_refuses_bad_variables(monkeypatch, caplog, variable, value, words
 
 def test_variables_are_defaults_that_flags_override(monkeypatch):
     for name, value in {"LORAPLEX_MAX_BATCH_SIZE": "7", "LORAPLEX_MERGE_MODE": "merge", "LORAPLEX_METRICS_PORT": "-1",
-                        "LORAPLEX_KV_CACHE_GIB": "0.5", "LORAPLEX_HOST_ADAPTERS": ""}.items():
+                        "LORAPLEX_KV_CACHE_GIB": "0.5", "LORAPLEX_HOST_ADAPTERS": "", "LORAPLEX_ADAPTER_WAIT": "0.25"}.items():
         monkeypatch.setenv(name, value)
     options = options_from_args(build_parser().parse_args(["serve"]))
     assert (options.max_batch_size, options.merge_mode, options.metrics_port, options.kv_cache_gib) == (7, "merge", None, 0.5)
+    assert options.adapter_wait == 0.25
     assert options.host_adapters is None  # empty: unset
     flagged = options_from_args(build_parser().parse_args(["serve", "--max-batch-size", "3"]))
     assert flagged.max_batch_size == 3 and flagged.merge_mode == "merge"
+
+
+def test_engine_options_reach_the_engine():
+    server = start(options(max_prefill_tokens=96, merge_mode="batch", adapter_wait=0.25))
+    try:
+        config = server.server.engine.config
+        assert (config.max_prefill_tokens, config.merge_mode, config.adapter_wait_s) == (96, "batch", 0.25)
+    finally:
+        server.stop()
 
 
 def test_every_serve_flag_names_its_variable(capsys):
