@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels
+from .kernels import cpu as cpu_kernel
 from .grouped import MAX_GROUP_ROWS, StackRun, add_stacked_deltas, plan_runs
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ class StackedGroups:
             index[rows] = slot
         return index.to(self.device)
 
+    @functools.cached_property
+    def group_layout(self) -> cpu_kernel.GroupLayout:
+        """The C kernel's layout: every group's slot and rows (built only if it runs)."""
+        return cpu_kernel.GroupLayout.build(self.slot_rows)
+
     def add_deltas(self, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out [n, d_out] += the stacked groups' deltas of `module` for x [n, d_in], in place."""
         factors = self.pool.factors(module)
@@ -61,6 +67,9 @@ class StackedGroups:
             return
         if kernels.uses_triton(x):
             kernels.lowrank_delta(x, self.slot_index, *factors, out)
+        elif cpu_kernel.usable(x, out, factors):
+            cpu_kernel.lowrank_delta(x, out, factors, self.group_layout,
+                                     lambda into: add_stacked_deltas(into, x, factors, self.runs))
         else:
             add_stacked_deltas(out, x, factors, self.runs)
 

@@ -34,7 +34,7 @@ bench|e2e)
         || { echo "fixture build failed:"; tail -20 "$out/fixture.log"; exit 1; } ;;&
 bench)
     timeout 480 python3 bench/workload.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \
-        --threads 8 --rounds 3 --peers hf,peft --grouped-kernels torch,triton 2>&1 | tee "$out/workload.log" \
+        --threads 8 --rounds 3 --peers hf,peft --grouped-kernels auto,triton 2>&1 | tee "$out/workload.log" \
         | grep -v '^{"round"' ;;
 e2e)
     timeout 480 python3 bench/e2e.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \

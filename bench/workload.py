@@ -2,7 +2,7 @@
 
 usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135|llama1b] [--rank 16]
                                 [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2] [--rounds 1]
-                                [--device cpu|cuda] [--dtype float32|bfloat16] [--grouped-kernels torch,triton]
+                                [--device cpu|cuda] [--dtype float32|bfloat16] [--grouped-kernels auto,torch,triton]
 Prints one JSON line per measurement and a markdown table for BENCHMARKS.md. The peers run on the engine's
 device and dtype.
 """
@@ -25,6 +25,7 @@ from fixture import PRESETS, build_fixture, many_adapters  # noqa: E402
 from peers import hf_static_generate, peft_generate  # noqa: E402
 
 from loraplex.adapters import AdaptedModel, kernels  # noqa: E402
+from loraplex.adapters.kernels import cpu as cpu_kernel  # noqa: E402
 from loraplex.server.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.server.loader import load_base  # noqa: E402
 from loraplex.server.manager import AdapterManager  # noqa: E402
@@ -157,13 +158,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype of the engine (base model and bound adapters) and of the peers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine and the peers run")
-    ap.add_argument("--grouped-kernels", default="torch", help="the grouped-delta paths to run a8/a32/zipf1000 "
-                    "with, e.g. torch,triton (as serve --grouped-kernels; triton: the Triton kernels on CUDA)")
+    ap.add_argument("--grouped-kernels", default="auto", help="the grouped-delta paths to run a8/a32/zipf1000 "
+                    "with, e.g. auto,torch (as serve --grouped-kernels: auto, the C kernel on CPU and torch on CUDA; "
+                    "torch, plain torch; triton, the Triton kernels on CUDA)")
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
-    if not set(a.grouped_kernels.split(",")) <= {"torch", "triton"}:
-        ap.error(f"--grouped-kernels takes torch and/or triton, not {a.grouped_kernels!r}")
+    if not set(a.grouped_kernels.split(",")) <= {"auto", "torch", "triton"}:
+        ap.error(f"--grouped-kernels takes auto, torch and/or triton, not {a.grouped_kernels!r}")
     torch.set_num_threads(a.threads)
     scenarios = [s for s in a.scenarios.split(",") if s]
     fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
@@ -181,9 +183,9 @@ def main() -> None:
     jobs = []  # (label, grouped path, run): every engine measurement, run once per round
     for scenario in scenarios:
         k = SCENARIOS[scenario]
-        paths = a.grouped_kernels.split(",") if k > 1 else ["torch"]  # the grouped path serves mixed batches
+        paths = a.grouped_kernels.split(",") if k > 1 else ["auto"]  # the grouped path serves mixed batches
         for path in paths:
-            label = scenario if path == "torch" else f"{scenario} ({path} kernels)"
+            label = scenario if path == "auto" else f"{scenario} ({path})"
             if scenario == "zipf1000":
                 many = many_adapters(fixture, 1000)
                 tasks = zipf_names(sorted(p.name for p in many.iterdir()), a.zipf_requests)
@@ -204,14 +206,16 @@ def main() -> None:
     if hf_each_round:  # beside the engine's base run in every round, for a paired engine / transformers ratio
         ids = prompts(a.requests, a.prompt_len, vocab)
         after_base = 1 + next(i for i, (label, _, _) in enumerate(jobs) if label == "base")
-        jobs.insert(after_base, (HF, "torch", lambda ids=ids: hf_static_generate(
+        jobs.insert(after_base, (HF, "auto", lambda ids=ids: hf_static_generate(
             fixture / "base", ids, a.new, **on)))
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for round_ in range(a.rounds):  # rounds rotate through the scenarios, so drift on a shared machine hits all
         for label, path, job in jobs:
             kernels.enable(path == "triton")
+            cpu_kernel.enable(path != "torch")
             result = job()
             kernels.enable(False)
+            cpu_kernel.enable(True)
             runs[label].append(result)
             if a.rounds > 1:
                 print(json.dumps({"round": round_ + 1, "scenario": label, "tok_per_s": round(result["tok_per_s"], 2)}),

@@ -52,7 +52,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "merge_mode": ("auto", "merge", "batch"),
-    "grouped_kernels": ("torch", "triton"),
+    "grouped_kernels": ("auto", "torch", "triton"),
 }
 
 
@@ -82,7 +82,7 @@ class ServeOptions:
     adapter_wait: float = 2.0  # seconds a request waits for a device slot before it stops being overtaken
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
     merge_mode: str = "auto"
-    grouped_kernels: str = "torch"  # triton: Triton BGMV kernels on CUDA when triton is present
+    grouped_kernels: str = "auto"  # auto: the C kernel on CPU, torch on CUDA; torch: torch everywhere; triton
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads; None: torch's default
 
@@ -274,11 +274,13 @@ class LoraplexServer:
         from .request import SamplingParams
 
         from ..adapters import kernels
+        from ..adapters.kernels import cpu as cpu_kernel
 
         o = self.options
         if o.threads:
             torch.set_num_threads(o.threads)
         kernels.enable(o.grouped_kernels == "triton")
+        cpu_kernel.enable(o.grouped_kernels != "torch")
         model, tokenizer, name = self._load_model()
         adapted = AdaptedModel(model)
         log.info("serving %s on %s (%s)", name, adapted.device, str(adapted.dtype).removeprefix("torch."))
@@ -516,8 +518,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="when every running request uses one mergeable adapter, merge it into the weights: after "
                    "16 such steps in a row (auto), at once (merge), or never (batch)")
     p.add_argument("--grouped-kernels", default=d.grouped_kernels, choices=CHOICES["grouped_kernels"],
-                   help="multi-adapter steps on CUDA: plain torch (two bmm per adapted layer, faster on an H100 "
-                   "today), or Triton kernels when triton is installed, checked against plain torch at first use")
+                   help="how steps that mix many adapters run: auto, a C kernel on CPU (compiled at first use; plain "
+                   "torch without a C compiler) and plain torch on CUDA (two bmm per adapted layer, faster on an H100 "
+                   "today); torch, plain torch everywhere; triton, Triton kernels on CUDA when triton is installed. "
+                   "Every kernel is checked against plain torch at first use"),
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
