@@ -9,8 +9,8 @@ group's factors straight from the pool's storage, no copies.
 It is optional at import time and at run time: the source is compiled on first use with the system's C
 compiler (`cc`, or $CC) into a per-user cache, keyed by the source and the compiler. Without a compiler, or if
 the build or the first-use check against the torch path fails, the torch path serves, after one warning.
-float32 on the CPU only. OpenMP comes from torch's own runtime (the library is linked against the libgomp
-that torch has already loaded), so the kernel runs on the engine thread's pool.
+float32 on the CPU only. The library's OpenMP is torch's own: it is loaded after torch, so its libgomp.so.1
+resolves to the one torch already loaded, and the kernel runs on the calling (engine) thread's pool.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
