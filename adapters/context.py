@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels
-from .kernels import cpu as cpu_kernel
 from .grouped import MAX_GROUP_ROWS, StackRun, add_stacked_deltas, plan_runs
+from .kernels import cpu as cpu_kernel
 
 if TYPE_CHECKING:
     from .base import BoundAdapter

@@ -10,7 +10,8 @@ per-group loop in `AdaptedLinear` is the reference this path is tested against.
 
 On CUDA with the Triton kernels enabled (serve --grouped-kernels triton), `context.StackedGroups` instead runs the
 BGMV kernels of `kernels/` over the rows in place, indexed by each row's slot: no padded copy of the rows, one
-launch for every run.
+launch for every run. On the CPU, by default, it runs the C kernel of `kernels/cpu.py`: one call per module for
+every group, by slot and row index. This module is then its oracle and its fallback.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class ServeOptions:
     adapter_wait: float = 2.0  # seconds a request waits for a device slot before it stops being overtaken
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
     merge_mode: str = "auto"
-    grouped_kernels: str = "auto"  # auto: the C kernel on CPU, torch on CUDA; torch: torch everywhere; triton
+    grouped_kernels: str = "auto"  # auto: the C kernel on CPU, torch on CUDA; torch: torch everywhere; triton: on CUDA
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads; None: torch's default
 

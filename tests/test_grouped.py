@@ -12,6 +12,17 @@ from tiny import prompts, tiny_model
 from loraplex.adapters import AdaptedModel, BatchContext, adapter_class
 from loraplex.adapters import grouped
 from loraplex.adapters.grouped import PaddedRows
+from loraplex.adapters.kernels import cpu as cpu_kernel
+
+
+@pytest.fixture(autouse=True, params=["torch", "c"])
+def grouped_path(request):
+    """Every test on both CPU paths of the stacked groups: the torch path (runs of bmm) and the C kernel."""
+    if request.param == "c" and cpu_kernel._library() is None:
+        pytest.skip("no C compiler to build the kernel")
+    cpu_kernel.enable(request.param == "c")
+    yield request.param
+    cpu_kernel.enable(True)
 
 
 def stacked_equals_loop(adapted: AdaptedModel, plan: list, seed: int = 6) -> BatchContext:
