@@ -25,7 +25,6 @@ from fixture import PRESETS, build_fixture, many_adapters  # noqa: E402
 from peers import hf_static_generate, peft_generate  # noqa: E402
 
 from loraplex.adapters import AdaptedModel, kernels  # noqa: E402
-from loraplex.adapters.kernels import cpu as cpu_kernel  # noqa: E402
 from loraplex.server.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.server.loader import load_base  # noqa: E402
 from loraplex.server.manager import AdapterManager  # noqa: E402
@@ -164,8 +163,8 @@ def main() -> None:
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     a = ap.parse_args()
-    if not set(a.grouped_kernels.split(",")) <= {"auto", "torch", "triton"}:
-        ap.error(f"--grouped-kernels takes auto, torch and/or triton, not {a.grouped_kernels!r}")
+    if not set(a.grouped_kernels.split(",")) <= set(kernels.CHOICES):
+        ap.error(f"--grouped-kernels takes {', '.join(kernels.CHOICES)}, not {a.grouped_kernels!r}")
     torch.set_num_threads(a.threads)
     scenarios = [s for s in a.scenarios.split(",") if s]
     fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
@@ -211,11 +210,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for round_ in range(a.rounds):  # rounds rotate through the scenarios, so drift on a shared machine hits all
         for label, path, job in jobs:
-            kernels.enable(path == "triton")
-            cpu_kernel.enable(path != "torch")
+            kernels.select(path)
             result = job()
-            kernels.enable(False)
-            cpu_kernel.enable(True)
+            kernels.select("auto")
             runs[label].append(result)
             if a.rounds > 1:
                 print(json.dumps({"round": round_ + 1, "scenario": label, "tok_per_s": round(result["tok_per_s"], 2)}),

@@ -274,13 +274,11 @@ class LoraplexServer:
         from .request import SamplingParams
 
         from ..adapters import kernels
-        from ..adapters.kernels import cpu as cpu_kernel
 
         o = self.options
         if o.threads:
             torch.set_num_threads(o.threads)
-        kernels.enable(o.grouped_kernels == "triton")
-        cpu_kernel.enable(o.grouped_kernels != "torch")
+        kernels.select(o.grouped_kernels)
         model, tokenizer, name = self._load_model()
         adapted = AdaptedModel(model)
         log.info("serving %s on %s (%s)", name, adapted.device, str(adapted.dtype).removeprefix("torch."))

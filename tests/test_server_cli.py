@@ -74,6 +74,15 @@ def test_variables_are_defaults_that_flags_override(monkeypatch):
     assert flagged.max_batch_size == 3 and flagged.merge_mode == "merge"
 
 
+def test_the_grouped_kernels_choices_are_the_kernels_own():
+    from loraplex.adapters import kernels
+    from loraplex.server.app import CHOICES
+
+    assert CHOICES["grouped_kernels"] == kernels.CHOICES  # app.py spells them out to keep torch out of the CLI
+    with pytest.raises(ValueError, match="grouped kernels must be one of"):
+        kernels.select("cuda")
+
+
 def test_engine_options_reach_the_engine():
     server = start(options(max_prefill_tokens=96, merge_mode="batch", adapter_wait=0.25))
     try:

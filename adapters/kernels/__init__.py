@@ -14,9 +14,10 @@ import logging
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 BACKENDS = ("triton", "torch")
+CHOICES = ("auto", "torch", "triton")  # serve --grouped-kernels (`select`)
 log = logging.getLogger(__name__)
 # Off unless asked for (serve --grouped-kernels triton): on an H100, decode steps are bound by host work, and
 # two Triton launches per adapted module cost more host time than the torch path's two bmm calls (workload W:
@@ -30,6 +31,15 @@ def enable(on: bool) -> None:
     """Let `lowrank_delta` pick the Triton kernels by default, or never (the default)."""
     global _enabled
     _enabled = on
+
+
+def select(choice: str) -> None:
+    """Apply `serve --grouped-kernels`: "auto", the C kernel on CPU and plain torch on CUDA; "torch", plain torch
+    everywhere; "triton", the Triton kernels on CUDA (and the C kernel on CPU)."""
+    if choice not in CHOICES:
+        raise ValueError(f"grouped kernels must be one of {', '.join(CHOICES)}, not {choice!r}")
+    enable(choice == "triton")
+    cpu.enable(choice != "torch")
 
 
 @functools.cache
@@ -57,7 +67,7 @@ def _first_use_check(x: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: tor
             from . import triton_bgmv
 
             got = triton_bgmv.expand(triton_bgmv.shrink(x, idx, a), idx, b, out.clone()).float()
-            error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+            error = reference.relative_error(got, want)
             ok = error <= _TOLERANCE.get(x.dtype, 2e-2)
             reason = f"relative error {error:.2e}"
         except Exception as exc:  # noqa: BLE001 - compile or launch failure: fall back, say why

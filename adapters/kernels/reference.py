@@ -30,3 +30,8 @@ def expand(u: torch.Tensor, idx: torch.Tensor, b: torch.Tensor, out: torch.Tenso
         delta = torch.bmm(u.index_select(0, rows).float().unsqueeze(1), b_rows.transpose(1, 2)).squeeze(1)
         out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
     return out
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| over max |want|: how a kernel's first-use check compares it with this oracle."""
+    return (got.float() - want.float()).abs().max().item() / max(want.float().abs().max().item(), 1e-6)
