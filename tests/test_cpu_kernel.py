@@ -45,7 +45,7 @@ def torch_path(out, x, factors, groups) -> torch.Tensor:
 @pytest.mark.parametrize("shuffle", [False, True], ids=["slot order", "scattered rows"])
 @pytest.mark.parametrize("d_in, d_out", [(48, 40), (40, 24)])
 def test_the_kernel_equals_the_torch_path(shuffle, d_in, d_out):
-    # uneven groups (one past the kernel's 16-row chunk), slots with gaps, a lower-rank adapter, strided x
+    # uneven groups (every tile size and remainder), slots with gaps, a lower-rank adapter, strided x
     sizes = {0: 1, 1: 3, 2: 1, 5: 19, 6: 2, 9: 1, 11: 7}
     groups, n = composition(sizes, shuffle)
     factors = pool(12, d_in, d_out, rank=8)
@@ -59,17 +59,23 @@ def test_the_kernel_equals_the_torch_path(shuffle, d_in, d_out):
 
 
 @needs_kernel
-def test_a_row_gets_the_same_bits_whatever_else_is_in_the_batch():
-    factors = pool(8, 32, 24, rank=8)
-    x = torch.randn(10, 32)
-    alone = torch.zeros(10, 24)
-    cpu._call(x, alone, factors, cpu.GroupLayout.build(((3, torch.tensor([4])),)))
-    mixed = torch.zeros(10, 24)
+@pytest.mark.parametrize("rank", [8, 24], ids=["part of a rank chunk", "a chunk and a part"])
+def test_a_row_gets_the_same_bits_whatever_else_is_in_the_batch(rank):
+    # groups of 1 to 7 rows go through the kernel's tiles of 4, 2 and 1 rows; 72 outputs are two chunks and a tail
+    factors = pool(8, 40, 72, rank=rank)
+    x = torch.randn(40, 40)
+    alone = torch.zeros(40, 72)
+    for row in range(28):
+        cpu._call(x, alone, factors, cpu.GroupLayout.build(((3, torch.tensor([row])),)))
+    mixed = torch.zeros(40, 72)
+    sizes = range(1, 8)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     cpu._call(x, mixed, factors, cpu.GroupLayout.build(
-        ((0, torch.tensor([0, 1])), (3, torch.tensor([4])), (5, torch.tensor([2, 3, 5, 6, 7])))))
-    assert torch.equal(alone[4], mixed[4])
-    assert not alone[[0, 1, 2, 3, 5, 6, 7, 8, 9]].any()  # rows in no group are not touched
-    assert not mixed[[8, 9]].any()
+        tuple((3, torch.arange(start, start + size)) for start, size in zip(starts, sizes)) +
+        ((0, torch.tensor([28, 29])),)))
+    assert torch.equal(alone[:28], mixed[:28])
+    assert not alone[28:].any()  # rows in no group are not touched
+    assert mixed[28:30].all() and not mixed[30:].any()
 
 
 @needs_kernel
