@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
 import torch
 
+from ..adapters.kernels.cpu import loaded_openmp_runtimes
+
 log = logging.getLogger(__name__)
 
-OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release the pool's threads; the next region starts a new pool
-# libgomp only: its pause releases the calling thread's pool alone (LLVM's libomp would pause the whole runtime)
-OPENMP_RUNTIMES = ("libgomp",)
+# omp_pause_resource_t: release the pool's threads; the next region starts a new pool. Asked of libgomp only:
+# its pause releases the calling thread's pool alone (LLVM's libomp would pause the whole runtime).
+OMP_PAUSE_SOFT = 1
 
 
 @cache
@@ -70,22 +71,16 @@ def release_pool() -> bool:
 
 @cache
 def _pause_functions() -> tuple:
-    """`omp_pause_resource_all` of each libgomp loaded in this process (found in /proc/self/maps; Linux only)."""
+    """`omp_pause_resource_all` of each libgomp loaded in this process (Linux only)."""
     if not uses_openmp():
         return ()
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:
-        return ()
     functions = []
-    for path in sorted(paths):
-        if os.path.basename(path).startswith(OPENMP_RUNTIMES):
-            try:
-                fn = ctypes.CDLL(path).omp_pause_resource_all  # the loaded library: same handle, same pools
-            except (OSError, AttributeError):  # not loadable, or a runtime older than OpenMP 5.0
-                log.debug("no omp_pause_resource_all in %s", path)
-                continue
-            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-            functions.append(fn)
+    for path in loaded_openmp_runtimes():
+        try:
+            fn = ctypes.CDLL(path).omp_pause_resource_all  # the loaded library: same handle, same pools
+        except (OSError, AttributeError):  # not loadable, or a runtime older than OpenMP 5.0
+            log.debug("no omp_pause_resource_all in %s", path)
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        functions.append(fn)
     return tuple(functions)

@@ -9,8 +9,9 @@ group's factors straight from the pool's storage, no copies.
 It is optional at import time and at run time: the source is compiled on first use with the system's C
 compiler (`cc`, or $CC) into a per-user cache, keyed by the source and the compiler. Without a compiler, or if
 the build or the first-use check against the torch path fails, the torch path serves, after one warning.
-float32 on the CPU only. The library's OpenMP is torch's own: it is loaded after torch, so its libgomp.so.1
-resolves to the one torch already loaded, and the kernel runs on the calling (engine) thread's pool.
+float32 on the CPU only. The library's OpenMP is torch's own: it is linked against the libgomp that torch has
+loaded into the process (whatever its file name), not the compiler's, so the kernel runs on the calling (engine)
+thread's pool. Two OpenMP runtimes would keep two pools of threads spinning on the same cores.
 """
 
 from __future__ import annotations
@@ -119,24 +120,41 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def loaded_openmp_runtimes() -> list[str]:
+    """Paths of the libgomp libraries mapped into this process, sorted (from /proc/self/maps: Linux only; an
+    empty list elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return []
+    return sorted(path for path in paths if os.path.basename(path).startswith("libgomp"))
+
+
 def _build() -> Path:
-    """Compile SOURCE into the cache (once per source and compiler) and return the library's path."""
+    """Compile SOURCE into the cache (once per source, compiler and OpenMP runtime) and return the library's
+    path. It is linked against torch's libgomp when one is loaded (see the module's docstring), else against the
+    compiler's."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags]).encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
+    runtime = loaded_openmp_runtimes()[:1]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, *runtime]).encode()).hexdigest()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraplex" / "kernels"
-    target = cache / f"cpu_lowrank-{key}.so"
+    target = cache / f"cpu_lowrank-{key[:16]}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: concurrent builds are safe
-        built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                                timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        built, obj = Path(tmp) / target.name, Path(tmp) / "cpu_lowrank.o"
+        # -fopenmp at the link would add the compiler's own -lgomp: with a runtime loaded, link against it instead
+        link = [str(obj), *runtime, f"-Wl,-rpath,{Path(runtime[0]).parent}"] if runtime else [str(obj), "-fopenmp"]
+        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                        [compiler, "-shared", *link, "-o", str(built)]):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
     return target
