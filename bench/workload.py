@@ -25,6 +25,7 @@ from fixture import PRESETS, build_fixture, many_adapters  # noqa: E402
 from peers import hf_static_generate, peft_generate  # noqa: E402
 
 from loraplex.adapters import AdaptedModel, kernels  # noqa: E402
+from loraplex.server import host_memory  # noqa: E402
 from loraplex.server.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.server.loader import load_base  # noqa: E402
 from loraplex.server.manager import AdapterManager  # noqa: E402
@@ -166,6 +167,8 @@ def main() -> None:
     if not set(a.grouped_kernels.split(",")) <= set(kernels.CHOICES):
         ap.error(f"--grouped-kernels takes {', '.join(kernels.CHOICES)}, not {a.grouped_kernels!r}")
     torch.set_num_threads(a.threads)
+    if a.device == "cpu":  # what the engine sets when it starts, set first: the peers run in this process too
+        host_memory.retain_freed_memory()
     scenarios = [s for s in a.scenarios.split(",") if s]
     fixture = build_fixture(a.fixture, a.preset, 32, a.rank)
     adapter_dir = fixture / "adapters"

@@ -24,7 +24,7 @@ import torch
 
 from ..adapters import AdaptedModel, AdapterError, BoundAdapter
 from ..adapters.errors import UnknownTaskError
-from . import cpu_threads
+from . import cpu_threads, host_memory
 from .detokenize import Detokenizers, TextStream
 from .forward import SeqRun, build_forward, build_step
 from .kv_cache import KVCache, SlotTable
@@ -71,6 +71,8 @@ class EngineConfig:
     adapter_wait_s: float = 2.0
     eos_token_ids: Sequence[int] | None = None  # None: the tokenizer's and the model's generation config
     idle_poll_s: float = 0.005  # loop wake-up while queued requests wait for an adapter load
+    # on the CPU: keep the memory a step frees in the heap for the next step, give it back when idle (host_memory.py)
+    retain_host_memory: bool = True
     observer: EngineObserver | None = None
 
     def __post_init__(self) -> None:
@@ -189,6 +191,8 @@ class Engine:
                 raise RuntimeError("the engine was already started")
             self._accepting = True
             cpu_threads.release_pool()  # else this thread's OpenMP workers make the loop's sleep (cpu_threads.py)
+            if self.config.retain_host_memory and self.device.type == "cpu":
+                host_memory.retain_freed_memory()
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
 
@@ -304,16 +308,21 @@ class Engine:
 
     def _loop(self) -> None:
         cpu_threads.set_threads(self._threads)
+        stepped = False  # since the engine last went idle
         try:
             while True:
                 with self._lock:
                     if self._halt:
                         break
                     if not self._running and not self._waiting:
+                        if stepped:  # a burst is over: the memory its steps freed goes back to the system
+                            host_memory.release_free_memory()
+                            stepped = False
                         self._lock.wait()
                         continue
                 try:
                     ran = self._step()
+                    stepped = stepped or ran
                 except Exception as exc:  # noqa: BLE001 - a fault fails the step's requests, never the server
                     log.exception("engine step failed")
                     self._fail_running(exc)

@@ -15,6 +15,7 @@ from families import make_adapter
 from tokenizer import build_tokenizer, lm
 
 from loraplex.adapters import AdaptedModel, AdapterFormatError, UnknownTaskError
+from loraplex.server import host_memory
 from loraplex.server.engine import Engine, EngineConfig
 from loraplex.server.request import (
     EngineStoppedError,
@@ -570,6 +571,29 @@ def test_prefill_budget_bounds_prompt_tokens_per_step(world, sequential):
     assert all(s.prefill_tokens <= max(6, longest) for s in steps)
     assert sum(s.prefill_tokens for s in steps) == sum(len(p) for p in prompts_)
     assert sum(1 for s in steps if s.prefill_tokens) >= 3  # admissions were spread over several steps
+
+
+def test_memory_a_burst_freed_goes_back_when_the_engine_idles(world, monkeypatch):
+    """On the CPU the engine keeps freed activations for its next steps (host_memory.py) and hands them back to
+    the system once nothing is running or queued: once per burst, never under a running request."""
+    retained, released = [], []
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: retained.append(True))
+    with engine(world) as eng:
+        monkeypatch.setattr(host_memory, "release_free_memory", lambda: released.append(eng.stats().running))
+        handles = [eng.submit(task, "ok", GREEDY) for task in ("lo1", "lo2", "")]
+        for handle in handles:
+            handle.result(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert released == [0] and retained == [True]
+        eng.generate("alpha", "ok", GREEDY, timeout=WAIT)
+        while len(released) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert released == [0, 0]
+    with engine(world, retain_host_memory=False) as eng:
+        eng.generate("lo1", "ok", GREEDY, timeout=WAIT)
+    assert retained == [True]
 
 
 def test_requests_finish_promptly(world):
