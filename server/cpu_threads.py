@@ -25,7 +25,7 @@ from functools import cache
 
 import torch
 
-from ..adapters.kernels.cpu import loaded_openmp_runtimes
+from ..adapters.kernels.native import loaded_openmp_runtimes
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraplex.adapters.grouped import add_stacked_deltas, plan_runs
-from loraplex.adapters.kernels import cpu
+from loraplex.adapters.kernels import cpu, native
 from loraplex.server import cpu_threads
 
 needs_kernel = pytest.mark.skipif(cpu._library() is None, reason="no C compiler to build the kernel")
@@ -112,7 +112,7 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path, caplog)
 @pytest.mark.skipif(not cpu_threads.uses_openmp(), reason="torch does not run on OpenMP here")
 def test_the_kernel_runs_on_torchs_openmp_runtime_not_a_second_one():
     torch.ones(256, 256).sum()  # torch's libgomp is mapped by now
-    assert len(cpu.loaded_openmp_runtimes()) == 1
+    assert len(native.loaded_openmp_runtimes()) == 1
     factors = pool(2, 8, 8, rank=4)
     cpu._call(torch.randn(3, 8), torch.zeros(3, 8), factors, cpu.GroupLayout.build(((1, torch.arange(3)),)))
-    assert len(cpu.loaded_openmp_runtimes()) == 1
+    assert len(native.loaded_openmp_runtimes()) == 1

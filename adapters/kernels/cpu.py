@@ -6,30 +6,24 @@ operations per module in some steps, and the dispatch of those operations cost m
 (BENCHMARKS.md). The C kernel takes every group of the step in one call: each group's rows by index, each
 group's factors straight from the pool's storage, no copies.
 
-It is optional at import time and at run time: the source is compiled on first use with the system's C
-compiler (`cc`, or $CC) into a per-user cache, keyed by the source and the compiler. Without a compiler, or if
-the build or the first-use check against the torch path fails, the torch path serves, after one warning.
-float32 on the CPU only. The library's OpenMP is torch's own: it is linked against the libgomp that torch has
-loaded into the process (whatever its file name), not the compiler's, so the kernel runs on the calling (engine)
-thread's pool. Two OpenMP runtimes would keep two pools of threads spinning on the same cores.
+It is optional at import time and at run time: the source is compiled on first use (`native.py`, on torch's
+OpenMP runtime). Without a compiler, or if the build or the first-use check against the torch path fails, the
+torch path serves, after one warning. float32 on the CPU only.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import native
 from .reference import relative_error
 
 log = logging.getLogger(__name__)
@@ -108,8 +102,7 @@ def _max_rank() -> int:
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (after one warning) where it cannot be built."""
     try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(native.build(SOURCE)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         log.warning("the C grouped kernel is not available (%s): the torch path serves multi-adapter steps", exc)
         return None
@@ -118,43 +111,3 @@ def _library() -> ctypes.CDLL | None:
     lib.lowrank_delta.restype = None
     lib.lowrank_max_rank.restype = ctypes.c_int
     return lib
-
-
-def loaded_openmp_runtimes() -> list[str]:
-    """Paths of the libgomp libraries mapped into this process, sorted (from /proc/self/maps: Linux only; an
-    empty list elsewhere)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:
-        return []
-    return sorted(path for path in paths if os.path.basename(path).startswith("libgomp"))
-
-
-def _build() -> Path:
-    """Compile SOURCE into the cache (once per source, compiler and OpenMP runtime) and return the library's
-    path. It is linked against torch's libgomp when one is loaded (see the module's docstring), else against the
-    compiler's."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
-    runtime = loaded_openmp_runtimes()[:1]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, *runtime]).encode()).hexdigest()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraplex" / "kernels"
-    target = cache / f"cpu_lowrank-{key[:16]}.so"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: concurrent builds are safe
-        built, obj = Path(tmp) / target.name, Path(tmp) / "cpu_lowrank.o"
-        # -fopenmp at the link would add the compiler's own -lgomp: with a runtime loaded, link against it instead
-        link = [str(obj), *runtime, f"-Wl,-rpath,{Path(runtime[0]).parent}"] if runtime else [str(obj), "-fopenmp"]
-        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, "-shared", *link, "-o", str(built)]):
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)
-    return target
