@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +100,8 @@ def _max_rank() -> int:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (after one warning) where it cannot be built."""
-    try:
-        lib = ctypes.CDLL(str(native.build(SOURCE)))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("the C grouped kernel is not available (%s): the torch path serves multi-adapter steps", exc)
+    lib = native.load(SOURCE, "the C grouped kernel", "the torch path serves multi-adapter steps")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lowrank_delta.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr]

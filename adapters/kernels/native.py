@@ -10,7 +10,9 @@ runtimes would keep two pools of threads spinning on the same cores.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +20,17 @@ import tempfile
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
+log = logging.getLogger(__name__)
+
+
+def load(source: Path, what: str, instead: str) -> ctypes.CDLL | None:
+    """The library built from `source`; None, after a warning naming `what` and what serves `instead`, where it
+    cannot be built or loaded."""
+    try:
+        return ctypes.CDLL(str(build(source)))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        log.warning("%s is not available (%s): %s", what, exc, instead)
+        return None
 
 
 def loaded_openmp_runtimes() -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from ..kv_cache import KVCache
+from . import cpu_attention
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,17 @@ class StepInput:
     segments: list[Segment]
     logits_rows: torch.Tensor  # [B] the row whose logits each sequence needs, in run order
     _masks: dict = field(default_factory=dict, repr=False)
+    _lengths: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def decode_lengths(self) -> torch.Tensor:
+        """[n] int32 on the host: `decode_lens` as the CPU decode attention reads it (made once per step)."""
+        if self._lengths is None:
+            self._lengths = torch.tensor(self.decode_lens, dtype=torch.int32)
+        return self._lengths
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
         """[n, 1, 1, L] additive mask of `dtype` (0 = attend, -inf = hidden) for the decode view, or None when
@@ -151,6 +159,10 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         if softcap is None and not (q.device.type == "cpu" and q.dtype == torch.float32):
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.decode_mask(window, q.dtype),
                                                scale=scale)
+        elif softcap is None and cpu_attention.usable(qg, keys, values):  # compiled passes over the cache
+            o = cpu_attention.decode_attention(
+                qg, keys, values, step.decode_lengths(), scale, window,
+                lambda: _explicit_attention(qg, keys, values, step.decode_mask(window, q.dtype), scale, None))
         else:  # on CPU in fp32, two matmuls beat SDPA's flash kernel at these shapes (1.4-2.4x; docs/design.md §2)
             o = _explicit_attention(qg, keys, values, step.decode_mask(window, q.dtype), scale, softcap)
         o = o.reshape(qd.shape)  # [n, H, d]
