@@ -6,8 +6,10 @@ import logging
 
 import pytest
 import torch
+from tiny import prompts, tiny_model
 
-from loraplex.server.forward import cpu_attention, step
+from loraplex.adapters import AdaptedModel
+from loraplex.server.forward import SeqRun, build_forward, build_step, cpu_attention, step
 
 needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="no C compiler to build the kernel")
 
@@ -40,6 +42,30 @@ def test_the_kernel_equals_the_torch_path(groups, window):
     want = torch_path(q, keys, values, lens, 0.3, window)
     got = cpu_attention._call(q, keys, values, lens, 0.3, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_float32_decode_steps_on_cpu_attend_through_the_passes(monkeypatch):
+    model = tiny_model("llama")
+    adapted, forward = AdaptedModel(model), build_forward(model)
+    cache = forward.new_cache(num_slots=2, max_seq_len=16)
+    seqs = prompts([5, 9])
+    runs = [SeqRun(ids.tolist(), slot, 0, False) for slot, ids in enumerate(seqs)]
+    decode = [SeqRun([7], slot, len(ids), True) for slot, ids in enumerate(seqs)]  # two lengths: keys to hide
+
+    def logits(step_runs):
+        with torch.no_grad(), adapted.batch([(None, 0)] * 2, [len(r.tokens) for r in step_runs]):
+            return forward(build_step(step_runs, "cpu"), cache)
+
+    logits(runs)
+    real_call, calls = cpu_attention._call, []
+    monkeypatch.setattr(cpu_attention, "_call", lambda *args: calls.append(args) or real_call(*args))
+    monkeypatch.setattr(cpu_attention, "_verdict", True)  # checked here, against the matmuls
+    with_passes = logits(decode)
+    assert len(calls) == forward.num_layers
+    monkeypatch.setattr(cpu_attention, "_enabled", False)
+    torch.testing.assert_close(with_passes, logits(decode), rtol=1e-5, atol=1e-5)  # the matmuls' answer
+    assert len(calls) == forward.num_layers
 
 
 @needs_kernel
