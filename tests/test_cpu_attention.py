@@ -14,10 +14,10 @@ from loraplex.server.forward import SeqRun, build_forward, build_step, cpu_atten
 needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="no C compiler to build the kernel")
 
 
-def operands(groups: int, lens: list[int], seed: int = 0):
+def operands(groups: int, lens: list[int], d: int = 32, seed: int = 0):
     """q [n, KV, G, d] and keys/values as views of a larger cache [slots, KV, S, d] (as the engine's)."""
     gen = torch.Generator().manual_seed(seed)
-    n, kv_heads, d, longest = len(lens), 2, 24, max(lens)
+    n, kv_heads, longest = len(lens), 2, max(lens)
     k_cache, v_cache = torch.randn(2, n + 3, kv_heads, longest + 9, d, generator=gen)
     q = torch.randn(n, kv_heads, groups, d, generator=gen)
     return q, k_cache[:n, :, :longest], v_cache[:n, :, :longest], torch.tensor(lens, dtype=torch.int32)
@@ -35,9 +35,10 @@ def torch_path(q, keys, values, lens, scale, window):
 @needs_kernel
 @pytest.mark.parametrize("groups", [1, 3], ids=["multi-head", "grouped-query"])
 @pytest.mark.parametrize("window", [None, 6], ids=["full", "sliding window"])
-def test_the_kernel_equals_the_torch_path(groups, window):
+@pytest.mark.parametrize("d", [32, 24], ids=["vectors of 16", "any head size"])
+def test_the_kernel_equals_the_torch_path(groups, window, d):
     # one key, fewer keys than the window, the longest, and lengths between
-    q, keys, values, lens = operands(groups, [1, 5, 37, 12, 37, 30])
+    q, keys, values, lens = operands(groups, [1, 5, 37, 12, 37, 30], d)
     assert cpu_attention.usable(q, keys, values)
     want = torch_path(q, keys, values, lens, 0.3, window)
     got = cpu_attention._call(q, keys, values, lens, 0.3, window)

@@ -6,13 +6,18 @@
    the slot's keys once for all G heads, and the values pass reads its values once; torch's softmax runs in
    between. torch's batched matmuls at these shapes (G x d by d x L, 192 of them a layer) read the cache at
    about 10 GB/s. Each (s, h) is computed alone, in a fixed order, so a sequence's result does not depend on
-   the rest of the batch.
+   the rest of the batch. Where d is a multiple of 16, a dot product is summed in a vector of 16 partial sums
+   (GCC's vector extension) and reduced once: a reduction per element cost a third of the pass.
 
    q:      [n, KV, G, d] contiguous
    k, v:   slot s, head h, key j at k + s * slot_stride + h * head_stride + j * d (the cache's layout)
    scores, probs: [n, KV, G, L] contiguous; o: [n, KV, G, d] contiguous */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(16 * sizeof(float))));
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 
 static inline int64_t first_key(int64_t len, int64_t window) { return window > 0 && len > window ? len - window : 0; }
 
@@ -30,6 +35,20 @@ void decode_scores(const float *restrict q, const float *restrict k, int64_t slo
         for (int64_t g = 0; g < groups; g++) {
             for (int64_t j = 0; j < lo; j++) sp[g * L + j] = -INFINITY;
             for (int64_t j = len; j < L; j++) sp[g * L + j] = -INFINITY;
+        }
+        if (d % 16 == 0) {
+            for (int64_t j = lo; j < len; j++) {
+                const float *kj = keys + j * d;
+                for (int64_t g = 0; g < groups; g++) {
+                    const float *qg = qp + g * d;
+                    v16 acc = load16(qg) * load16(kj);
+                    for (int64_t e = 16; e < d; e += 16) acc += load16(qg + e) * load16(kj + e);
+                    float sum = 0.f;
+                    for (int e = 0; e < 16; e++) sum += acc[e];
+                    sp[g * L + j] = sum * scale;
+                }
+            }
+            continue;
         }
         for (int64_t j = lo; j < len; j++) {
             const float *kj = keys + j * d;
