@@ -19,6 +19,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
+from .reference import relative_error
+
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,15 @@ def load(source: Path, what: str, instead: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         log.warning("%s is not available (%s): %s", what, exc, instead)
         return None
+
+
+def agrees(what: str, got: torch.Tensor, want: torch.Tensor, tolerance: float = 1e-4) -> bool:
+    """A kernel's first-use check: whether `got` is within `tolerance` of its torch path's `want` (relative to
+    max |want|). A miscompiled kernel costs one warning naming `what` and the torch path, never a wrong output."""
+    error = relative_error(got, want)
+    if error > tolerance:
+        log.warning("%s differs from the torch path (relative error %.2g): using torch", what, error)
+    return error <= tolerance
 
 
 def loaded_openmp_runtimes() -> list[str]:
