@@ -75,6 +75,23 @@ class StackedGroups:
 
 
 @dataclass(frozen=True)
+class IndexedRows:
+    """Every row served from the factor-pool slot in `slot_index` ([n] long on the device, -1 for none) by one
+    grouped-kernel call per module. Nothing about the rows is planned on the host, so a CUDA graph that recorded
+    these launches serves any mix of adapters (server/forward/graphs.py)."""
+
+    pool: "FactorPool"
+    slot_index: torch.Tensor
+    backend: str = "triton"  # "torch": the plain-torch reference (not capturable; the graphs' CPU test path)
+
+    def add_deltas(self, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out [n, d_out] += each row's delta of `module` for x [n, d_in], in place."""
+        factors = self.pool.factors(module)
+        if factors is not None:
+            kernels.lowrank_delta(x, self.slot_index, *factors, out, backend=self.backend)
+
+
+@dataclass(frozen=True)
 class BatchContext:
     """The grouping of one forward pass's rows by (adapter, task)."""
 
@@ -82,7 +99,7 @@ class BatchContext:
     groups: tuple[RowGroup, ...]  # served one group at a time
     # per-sequence assignment, kept for merge checks and diagnostics
     assignments: tuple[tuple["BoundAdapter | None", int], ...]
-    stacked: StackedGroups | None = None  # many small low-rank groups, served in one batched matmul
+    stacked: StackedGroups | IndexedRows | None = None  # many small low-rank groups, served in one batched matmul
 
     @property
     def empty(self) -> bool:

@@ -49,6 +49,8 @@ class FactorPool:
         self._reserved = 0  # the capacity the first tensors get (`reserve`)
         self._released: deque[int] = deque()  # serials of freed bound adapters (appended from any thread)
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A, s·B) over all slots
+        # bumped whenever a module's tensors are (re)allocated: a CUDA graph that captured their addresses is stale
+        self.version = 0
 
     def __len__(self) -> int:
         """Slots in use."""
@@ -107,6 +109,7 @@ class FactorPool:
         for name, (a, b) in list(self._factors.items()):
             self._factors[name] = _resized(a, b, capacity, a.shape[1])
         self._capacity = capacity
+        self.version += 1
 
     def _write(self, slot: int, bound: "BoundAdapter", task: int) -> None:
         for name in self.specs:
@@ -122,8 +125,10 @@ class FactorPool:
             if name not in self._factors:  # zeros: the slots written before lack the module
                 spec = self.specs[name]
                 self._factors[name] = _zeros(a, self._capacity, rank, spec.in_features, spec.out_features)
+                self.version += 1
             elif self._factors[name][0].shape[1] < rank:
                 self._factors[name] = _resized(*self._factors[name], self._capacity, rank)
+                self.version += 1
             a_all, b_all = self._factors[name]
             a_all[slot, :rank] = a
             a_all[slot, rank:] = 0

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, BoundAdapter
-from .context import BatchContext
+from .context import BatchContext, IndexedRows
 from .errors import UnsupportedAdapterError
 from .factor_pool import FactorPool
 from .linear import LINEAR_TYPES, AdaptedLinear, LinearSpec, base_weight
@@ -66,6 +66,19 @@ class AdaptedModel:
         self._context = ctx
         try:
             yield ctx
+        finally:
+            self._context = None
+
+    @contextmanager
+    def indexed(self, slot_index: torch.Tensor, backend: str = "triton") -> Iterator[BatchContext]:
+        """Serve one forward pass whose row i uses the factor-pool slot `slot_index[i]` (-1: the base model) through
+        the grouped kernels, whatever the rows' adapters: a CUDA graph's decode step (server/forward/graphs.py).
+        The slots are taken with `factor_pool.slot` beforehand."""
+        if self.merged is not None:
+            raise RuntimeError("a merged adapter serves the whole batch; unmerge before serving rows by slot")
+        self._context = BatchContext(slot_index.shape[0], (), (), IndexedRows(self.factor_pool, slot_index, backend))
+        try:
+            yield self._context
         finally:
             self._context = None
 

@@ -27,6 +27,7 @@ from ..adapters.errors import UnknownTaskError
 from . import cpu_threads, host_memory
 from .detokenize import Detokenizers, TextStream
 from .forward import SeqRun, build_forward, build_step
+from .forward.graphs import DecodeGraphs
 from .kv_cache import KVCache, SlotTable
 from .request import (
     EngineObserver,
@@ -73,6 +74,8 @@ class EngineConfig:
     idle_poll_s: float = 0.005  # loop wake-up while queued requests wait for an adapter load
     # on the CPU: keep the memory a step frees in the heap for the next step, give it back when idle (host_memory.py)
     retain_host_memory: bool = True
+    # on CUDA: decode-only steps replay CUDA graphs (forward/graphs.py); merge_mode "auto" then never merges
+    cuda_graphs: bool = True
     observer: EngineObserver | None = None
 
     def __post_init__(self) -> None:
@@ -152,6 +155,8 @@ class Engine:
         self.max_prompt = min(config.max_prompt_tokens or self.max_seq_len - 1, self.max_seq_len - 1)
         self.max_new_limit = min(config.max_new_tokens_limit or self.max_seq_len - 1, self.max_seq_len - 1)
         self.cache = self.forward.new_cache(self._num_slots(), self.max_seq_len)
+        self.graphs = (DecodeGraphs(self.forward, self.cache, adapted)
+                       if config.cuda_graphs and adapted.device.type == "cuda" else None)
         # the most adapters a batch can stack: the factor pool need not grow (a copy) while serving
         device_adapters = getattr(manager, "device_capacity", self.cache.num_slots)
         adapted.factor_pool.reserve(min(device_adapters, self.cache.num_slots))
@@ -193,6 +198,8 @@ class Engine:
             cpu_threads.release_pool()  # else this thread's OpenMP workers make the loop's sleep (cpu_threads.py)
             if self.config.retain_host_memory and self.device.type == "cpu":
                 host_memory.retain_freed_memory()
+            if self.graphs is not None:  # before the loop runs: a capture writes to every KV slot
+                self.graphs.capture_all()
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
 
@@ -347,17 +354,21 @@ class Engine:
         def by_slot(s: _Seq) -> tuple[int, tuple[int, int]]:
             return self.adapted.stack_order(s.bound, s.task_index), s.key
 
-        order = sorted((s for s in self._running if s.kv_len > 0), key=by_slot) + sorted(admitted, key=by_slot)
-        runs = [s.next_run() for s in order]
-        self._plan_merge(order)
-        step = build_step(runs, self.device)
-        with torch.no_grad(), self.adapted.batch([(s.bound, s.task_index) for s in order],
-                                                 [len(r.tokens) for r in runs]):
-            logits = self.forward(step, self.cache)  # [B, V]
+        graphed = self._graph_step(admitted)
+        if graphed is not None:
+            order, logits = graphed
+        else:
+            order = sorted((s for s in self._running if s.kv_len > 0), key=by_slot) + sorted(admitted, key=by_slot)
+            runs = [s.next_run() for s in order]
+            self._plan_merge(order)
+            step = build_step(runs, self.device)
+            with torch.no_grad(), self.adapted.batch([(s.bound, s.task_index) for s in order],
+                                                     [len(r.tokens) for r in runs]):
+                logits = self.forward(step, self.cache)  # [B, V]
         tokens = sample(logits, [s.sampler for s in order]).tolist()  # the one host sync of a step
         t = now()
-        for seq, run in zip(order, runs):  # all first: a sequence leaving below moves another one's slot
-            seq.kv_len += len(run.tokens)
+        for seq in order:  # all first: a sequence leaving below moves another one's slot
+            seq.kv_len = seq.kv_len + 1 if seq.kv_len else len(seq.prompt)
             if seq.t_first is None:
                 seq.t_first = t
         for seq, token in zip(order, tokens):
@@ -366,6 +377,18 @@ class Engine:
         prefill = sum(len(s.prompt) for s in admitted)
         self._observe_step(StepRecord(len(order), prefill, len(self._waiting), len(self._running), now() - start))
         return True
+
+    def _graph_step(self, admitted: list[_Seq]) -> tuple[list[_Seq], torch.Tensor] | None:
+        """A decode-only step replayed as a CUDA graph (forward/graphs.py): (rows in KV-slot order, logits [B, V]);
+        None where one cannot run (a prompt in the step, merged weights, an adapter the graph cannot serve)."""
+        if self.graphs is None or not self.graphs.enabled or admitted or self.adapted.merged is not None:
+            return None
+        order = list(self.slots.owners)  # row i is the sequence in KV slot i
+        slots = [self.graphs.adapter_slot(s.bound, s.task_index) for s in order]
+        if None in slots:
+            return None
+        logits = self.graphs.run([s.generated[-1] for s in order], [s.kv_len for s in order], slots)
+        return None if logits is None else (order, logits)
 
     def _accept(self, seq: _Seq, token: int) -> None:
         seq.generated.append(token)
@@ -524,8 +547,11 @@ class Engine:
     def _plan_merge(self, order: list[_Seq]) -> None:
         """Merged weights serve a batch whose rows all use one mergeable (adapter, task); anything else runs
         unmerged. "batch" never merges; "merge" merges as soon as it can; "auto" after `merge_after_steps`
-        homogeneous steps in a row, so that a mix that changes every few steps does not pay for merging."""
+        homogeneous steps in a row, so that a mix that changes every few steps does not pay for merging. With CUDA
+        graphs on, "auto" never merges: a graph replays the unmerged step, and merged weights run eagerly."""
         mode = self.config.merge_mode
+        if mode == "auto" and self.graphs is not None and self.graphs.enabled:
+            mode = "batch"  # a graph replays unmerged steps; merged weights would take every step off the graphs
         first = order[0]
         homogeneous = first.bound is not None and first.bound.mergeable and all(s.key == first.key for s in order)
         target = (first.bound, first.task_index) if homogeneous else None

@@ -710,7 +710,8 @@ def test_on_cuda_a_mixed_batch_equals_each_request_alone(world, sequential, monk
     adapted = AdaptedModel(lm("llama", peak=8.0).cuda())  # world.model's weights (same seed)
 
     def make() -> Engine:
-        return Engine(adapted, world.tok, FakeManager(adapted, world.adapters), EngineConfig(max_seq_len=64, max_slots=8))
+        return Engine(adapted, world.tok, FakeManager(adapted, world.adapters),
+                      EngineConfig(max_seq_len=64, max_slots=8, cuda_graphs=False))  # eager: test_graphs.py has graphs
 
     with make() as eng:
         alone = [eng.generate(t, p, GREEDY, timeout=WAIT).token_ids for t, p in REQUESTS]

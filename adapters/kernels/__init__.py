@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # two Triton launches per adapted module cost more host time than the torch path's two bmm calls (workload W:
 # a32 decode step 62 ms with the kernels, 39 ms without; BENCHMARKS.md, GPU)
 _enabled = False
+_in_graphs = True  # CUDA graphs of decode steps may serve adapters through the kernels (all but --grouped-kernels torch)
 _verdicts: dict[tuple[torch.device, torch.dtype], bool] = {}  # kernels agree with the reference here
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of max|reference|
 
@@ -38,8 +39,10 @@ def select(choice: str) -> None:
     everywhere; "triton", the Triton kernels on CUDA (and the C kernel on CPU)."""
     if choice not in CHOICES:
         raise ValueError(f"grouped kernels must be one of {', '.join(CHOICES)}, not {choice!r}")
+    global _in_graphs
     enable(choice == "triton")
     cpu.enable(choice != "torch")
+    _in_graphs = choice != "torch"
 
 
 @functools.cache
@@ -52,6 +55,20 @@ def uses_triton(x: torch.Tensor) -> bool:
     """Whether `lowrank_delta(x, ...)` may pick the Triton kernels by default: CUDA tensors, triton present,
     not disabled, and not found wrong on this device and dtype by the first-use check."""
     return _enabled and x.is_cuda and triton_available() and _verdicts.get((x.device, x.dtype), True)
+
+
+def usable_in_graphs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a CUDA graph of a decode step may serve adapter rows through the Triton kernels on (device, dtype):
+    CUDA, triton importable, not turned off (--grouped-kernels torch), and found right by the first-use check, run
+    here on small inputs if no real ones have run yet. The plain-torch path cannot be captured in a graph: it
+    reads how many rows have an adapter back to the host."""
+    if not (_in_graphs and device.type == "cuda" and triton_available()):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, a, b, out = (torch.randn(shape, generator=gen).to(device, dtype)
+                    for shape in ((5, 96), (2, 16, 96), (2, 80, 16), (5, 80)))
+    idx = torch.tensor([0, -1, 1, 0, 1], device=device)
+    return _first_use_check(x, idx, a, b, out)
 
 
 def _first_use_check(x: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:

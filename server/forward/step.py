@@ -50,6 +50,9 @@ class StepInput:
     decode_lens: list[int]  # [n] kv length of slot s after this step (host copy)
     segments: list[Segment]
     logits_rows: torch.Tensor  # [B] the row whose logits each sequence needs, in run order
+    # a CUDA graph's step (graphs.py): decode attention reads this many cache positions, always masked on the device
+    # from `decode_pos` (`decode_lens` is then unused), so that nothing depends on the host's lengths
+    extent: int | None = None
     _masks: dict = field(default_factory=dict, repr=False)
     _lengths: torch.Tensor | None = field(default=None, repr=False)
 
@@ -63,15 +66,18 @@ class StepInput:
             self._lengths = torch.tensor(self.decode_lens, dtype=torch.int32)
         return self._lengths
 
+    def decode_extent(self) -> int:
+        """The cache positions decode attention reads: the longest sequence, or a graph's fixed extent."""
+        return self.extent if self.extent is not None else max(self.decode_lens)
+
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
         """[n, 1, 1, L] additive mask of `dtype` (0 = attend, -inf = hidden) for the decode view, or None when
         every key is visible. Made once per step and shared by every layer: given a bool mask, SDPA would
         convert it to this on every call."""
         key = (window, dtype)
         if key not in self._masks:
-            lens = self.decode_lens
-            longest = max(lens)
-            if min(lens) == longest and (window is None or longest <= window):
+            longest = self.decode_extent()
+            if self.extent is None and min(self.decode_lens) == longest and (window is None or longest <= window):
                 self._masks[key] = None
             else:
                 device = self.input_ids.device
@@ -150,7 +156,7 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         qd, kd, vd = (q[:n], k[:n], v[:n]) if rows is None else (q[rows], k[rows], v[rows])  # slot order
         kc[step.decode_slots, :, step.decode_pos] = kd  # [n, KV, d] written at each slot's own position
         vc[step.decode_slots, :, step.decode_pos] = vd
-        length = max(step.decode_lens)
+        length = step.decode_extent()
         # grouped-query attention without expanding K/V: the G = H / KV query heads that share a KV head
         # take the place of the query-length dimension (one new token each, so no causal mask is needed)
         kv_heads = kc.shape[1]
@@ -159,7 +165,7 @@ def attend(step: StepInput, cache: KVCache, layer: int, q: torch.Tensor, k: torc
         if softcap is None and not (q.device.type == "cpu" and q.dtype == torch.float32):
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.decode_mask(window, q.dtype),
                                                scale=scale)
-        elif softcap is None and cpu_attention.usable(qg, keys, values):  # compiled passes over the cache
+        elif softcap is None and step.extent is None and cpu_attention.usable(qg, keys, values):  # compiled passes
             o = cpu_attention.decode_attention(
                 qg, keys, values, step.decode_lengths(), scale, window,
                 lambda: _explicit_attention(qg, keys, values, step.decode_mask(window, q.dtype), scale, None))
