@@ -2,11 +2,13 @@
 # A GPU session's checks, in parts that each fit one device-machine command (< 10 min); logs under OUT.
 #   tests: the GPU-marked tests (Triton kernels compiled on the device, the engine on CUDA, training on the GPU
 #          then the CPU), bench/kernels.py (the grouped-delta micro-benchmark) and, beside them, the whole suite;
-#   bench: workload W on the GPU (BENCHMARK.md: batch 64 on a 0.5B-1.5B shape; preset llama1b, bf16) with the
-#          peers, alone on the machine, with the Triton kernels as a second grouped path;
+#   bench: workload W on the GPU (BENCHMARK.md: batch 64 on a 0.5B-1.5B shape; preset llama1b, bf16) beside
+#          transformers' generate, alone on the machine, with CUDA graphs on and off side by side;
 #   e2e:   the same workload through `loraplex serve` and the client SDK, beside the in-process engine; then
 #          bench/profile_steps.py at 0 and 32 adapters (device kernel time per step, the costliest operations).
 # bench and e2e build the llama1b fixture first if it is missing (about a minute on 16 cores).
+# The fixture builder lives beside the checkout (../shared/bench/make_fixture.py), which a device machine does not
+# receive: copy it into the git-excluded .carry/ and carry that folder; LORAPLEX_FIXTURE_BUILDER then points at it.
 # usage: bench/gpu.sh tests|bench|e2e [OUT]   (after `pip install -e clients/python -e '.[test]'`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,7 @@ out=${2:-bench/out/gpu}
 fixture=${LORAPLEX_GPU_FIXTURE:-bench/out/fixture-llama1b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+[ -f .carry/make_fixture.py ] && export LORAPLEX_FIXTURE_BUILDER=${LORAPLEX_FIXTURE_BUILDER:-$PWD/.carry/make_fixture.py}
 case $part in
 tests)
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -34,7 +37,7 @@ bench|e2e)
         || { echo "fixture build failed:"; tail -20 "$out/fixture.log"; exit 1; } ;;&
 bench)
     timeout 480 python3 bench/workload.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \
-        --threads 8 --rounds 3 --peers hf,peft --grouped-kernels auto,triton 2>&1 | tee "$out/workload.log" \
+        --threads 8 --rounds 2 --peers hf --cuda-graphs on,off 2>&1 | tee "$out/workload.log" \
         | grep -v '^{"round"' ;;
 e2e)
     timeout 480 python3 bench/e2e.py --device cuda --dtype bfloat16 --preset llama1b --fixture "$fixture" \

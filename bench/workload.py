@@ -33,6 +33,12 @@ from loraplex.server.request import SamplingParams  # noqa: E402
 
 SCENARIOS = {"base": 0, "a1": 1, "a8": 8, "a32": 32, "zipf1000": 1000}
 HF = "transformers generate"  # the label of the transformers peer when it runs in every round
+GRAPHS_OFF = " (graphs off)"  # the label's suffix of an engine run with CUDA graphs off (--cuda-graphs on,off)
+
+
+def base_of(label: str) -> str:
+    """The base run a scenario's ratio is taken against: the one with the same CUDA graphs setting."""
+    return "base" + (GRAPHS_OFF if label.endswith(GRAPHS_OFF) else "")
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -67,7 +73,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: list[str], warm: list[str],
-               ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "auto") -> dict:
+               ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "auto",
+               cuda_graphs: bool = True) -> dict:
     """Submit every request at once; throughput = generated tokens / (last finish - first submit)."""
     collector = Collector()
     host = max(device_capacity, 64)
@@ -77,7 +84,7 @@ def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: li
         for name in warm:
             manager.wait_resident(name, timeout=60)
         config = EngineConfig(max_slots=64, max_seq_len=len(ids[0]) + new + 8, observer=collector,
-                              merge_mode=merge_mode)
+                              merge_mode=merge_mode, cuda_graphs=cuda_graphs)
         with Engine(adapted, tokenizer, manager, config) as engine:
             engine.generate(task_ids[0], ids[0][:8], SamplingParams(max_new_tokens=2, ignore_eos=True))
             collector.records.clear()
@@ -163,9 +170,14 @@ def main() -> None:
                     "torch, plain torch; triton, the Triton kernels on CUDA)")
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
+    ap.add_argument("--cuda-graphs", default="on", help="on the GPU, run every engine scenario with CUDA graphs of "
+                    "decode steps on, off, or both side by side (on,off); the peers and the CPU ignore it")
     a = ap.parse_args()
     if not set(a.grouped_kernels.split(",")) <= set(kernels.CHOICES):
         ap.error(f"--grouped-kernels takes {', '.join(kernels.CHOICES)}, not {a.grouped_kernels!r}")
+    graph_modes = a.cuda_graphs.split(",") if a.device == "cuda" else ["on"]
+    if not set(graph_modes) <= {"on", "off"}:
+        ap.error(f"--cuda-graphs takes on, off or on,off, not {a.cuda_graphs!r}")
     torch.set_num_threads(a.threads)
     if a.device == "cpu":  # what the engine sets when it starts, set first: the peers run in this process too
         host_memory.retain_freed_memory()
@@ -183,31 +195,34 @@ def main() -> None:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
     jobs = []  # (label, grouped path, run): every engine measurement, run once per round
-    for scenario in scenarios:
+    for scenario, graphs in [(s, g) for g in graph_modes for s in scenarios]:
         k = SCENARIOS[scenario]
+        off = "" if graphs == "on" else GRAPHS_OFF
         paths = a.grouped_kernels.split(",") if k > 1 else ["auto"]  # the grouped path serves mixed batches
         for path in paths:
-            label = scenario if path == "auto" else f"{scenario} ({path})"
+            label = (scenario if path == "auto" else f"{scenario} ({path})") + off
             if scenario == "zipf1000":
                 many = many_adapters(fixture, 1000)
                 tasks = zipf_names(sorted(p.name for p in many.iterdir()), a.zipf_requests)
                 ids = prompts(a.zipf_requests, a.prompt_len, vocab)
-                jobs.append((label, path, lambda many=many, tasks=tasks, ids=ids:
-                             run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32)))
+                jobs.append((label, path, lambda many=many, tasks=tasks, ids=ids, on=not off:
+                             run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32,
+                                        cuda_graphs=on)))
                 continue
             ids = prompts(a.requests, a.prompt_len, vocab)
             tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
             for mode in a.merge_modes.split(","):
                 jobs.append((label if mode == "auto" else f"{label} ({mode})", path,
-                             lambda k=k, tasks=tasks, ids=ids, mode=mode:
+                             lambda k=k, tasks=tasks, ids=ids, mode=mode, on=not off:
                              run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
-                                        device_capacity=max(k, 1), merge_mode=mode)))
+                                        device_capacity=max(k, 1), merge_mode=mode, cuda_graphs=on)))
     peers = [p for p in a.peers.split(",") if p]
     on = {"device": a.device, "dtype": getattr(torch, a.dtype)}
     hf_each_round = "hf" in peers and "base" in scenarios and a.rounds > 1
+    first_base = "base" if "on" in graph_modes else "base" + GRAPHS_OFF  # the engine's run beside transformers
     if hf_each_round:  # beside the engine's base run in every round, for a paired engine / transformers ratio
         ids = prompts(a.requests, a.prompt_len, vocab)
-        after_base = 1 + next(i for i, (label, _, _) in enumerate(jobs) if label == "base")
+        after_base = 1 + next(i for i, (label, _, _) in enumerate(jobs) if label == first_base)
         jobs.insert(after_base, (HF, "auto", lambda ids=ids: hf_static_generate(
             fixture / "base", ids, a.new, **on)))
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
@@ -226,11 +241,11 @@ def main() -> None:
         if a.rounds > 1:
             extra["tok_per_s_rounds"] = [round(r["tok_per_s"], 1) for r in measured]
         if a.rounds > 1 and label == HF:  # the engine's base against transformers, round by round
-            ratios = [b["tok_per_s"] / r["tok_per_s"] for r, b in zip(measured, runs["base"])]
+            ratios = [b["tok_per_s"] / r["tok_per_s"] for r, b in zip(measured, runs[first_base])]
             extra["engine_over_hf_rounds"] = [round(x, 2) for x in ratios]
             extra["engine_over_hf_p50"] = statistics.median(ratios)
-        elif a.rounds > 1 and "base" in runs:  # each round's ratio to the base run beside it: drift cancels
-            ratios = [r["tok_per_s"] / b["tok_per_s"] for r, b in zip(measured, runs["base"])]
+        elif a.rounds > 1 and base_of(label) in runs:  # each round's ratio to the base run beside it: drift cancels
+            ratios = [r["tok_per_s"] / b["tok_per_s"] for r, b in zip(measured, runs[base_of(label)])]
             extra["ratio_rounds"] = [round(x, 2) for x in ratios]
             extra["ratio_p50"] = statistics.median(ratios)
         system, scenario = ("transformers", "base") if label == HF else ("loraplex", label)
@@ -251,13 +266,14 @@ def main() -> None:
 
 
 def print_table(rows: list[dict], a: argparse.Namespace) -> None:
-    base = {r["system"]: r["tok_per_s"] for r in rows if r.get("scenario") == "base"}
+    base = {(r["system"], r["scenario"]): r["tok_per_s"] for r in rows if r.get("scenario", "").startswith("base")}
     print(f"\n| system | scenario | tok/s | / own base | TTFT p50 ms | TTFT p99 ms | failed | rounds: tok/s (/ base) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tok_per_s" not in r:
             continue
-        ratio = r.get("ratio_p50", r["tok_per_s"] / base[r["system"]] if r["system"] in base else float("nan"))
+        own_base = (r["system"], base_of(r["scenario"]))
+        ratio = r.get("ratio_p50", r["tok_per_s"] / base[own_base] if own_base in base else float("nan"))
         p50, p99 = r.get("ttft_p50_ms"), r.get("ttft_p99_ms")
         rounds = ", ".join(f"{t:.0f}" + (f" ({x:.2f})" if x is not None else "") for t, x in
                            zip(r.get("tok_per_s_rounds", []), r.get("ratio_rounds", [None] * a.rounds)))

@@ -53,6 +53,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "merge_mode": ("auto", "merge", "batch"),
     "grouped_kernels": ("auto", "torch", "triton"),
+    "cuda_graphs": ("on", "off"),
 }
 
 
@@ -83,6 +84,7 @@ class ServeOptions:
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
     merge_mode: str = "auto"
     grouped_kernels: str = "auto"  # auto: the C kernel on CPU, torch on CUDA; torch: torch everywhere; triton: on CUDA
+    cuda_graphs: str = "on"  # on CUDA, decode-only steps replay CUDA graphs
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads; None: torch's default
 
@@ -296,7 +298,8 @@ class LoraplexServer:
                               kv_cache_max_bytes=int(o.kv_cache_gib * (1 << 30)),
                               max_queued_requests=o.max_queued_requests, max_new_tokens_limit=o.max_new_tokens_limit,
                               default_max_new_tokens=o.default_max_new_tokens, max_prefill_tokens=o.max_prefill_tokens,
-                              merge_mode=o.merge_mode, adapter_wait_s=o.adapter_wait, observer=self._bridge)
+                              merge_mode=o.merge_mode, adapter_wait_s=o.adapter_wait, cuda_graphs=o.cuda_graphs == "on",
+                              observer=self._bridge)
         self.engine = self._bridge.engine = Engine(adapted, tokenizer, self.manager, config)
         cache = self.engine.cache
         log.info("%d sequences run at once (--max-batch-size %d; KV cache %.0f MiB for --max-seq-len %d)",
@@ -517,9 +520,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "16 such steps in a row (auto), at once (merge), or never (batch)")
     p.add_argument("--grouped-kernels", default=d.grouped_kernels, choices=CHOICES["grouped_kernels"],
                    help="how steps that mix many adapters run: auto, a C kernel on CPU (compiled at first use; plain "
-                   "torch without a C compiler) and plain torch on CUDA (two bmm per adapted layer, faster on an H100 "
-                   "today); torch, plain torch everywhere; triton, Triton kernels on CUDA when triton is installed. "
-                   "Every kernel is checked against plain torch at first use"),
+                   "torch without a C compiler), and on CUDA the Triton kernels inside CUDA graphs, plain torch in "
+                   "eager steps; torch, plain torch everywhere (CUDA graphs then serve only steps without adapters); "
+                   "triton, the Triton kernels on CUDA in eager steps too. Every kernel is checked against plain torch "
+                   "at first use"),
+    p.add_argument("--cuda-graphs", default=d.cuda_graphs, choices=CHOICES["cuda_graphs"],
+                   help="on CUDA, replay decode-only steps as CUDA graphs (captured per batch-size and length bucket "
+                   "at first use; adapters that are one low-rank pair go through the Triton kernels inside them, "
+                   "and --merge-mode auto stops merging); off runs every step eagerly. Ignored on CPU"),
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
