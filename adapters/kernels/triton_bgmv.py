@@ -22,7 +22,7 @@ expand, grid (n, cdiv(d_out, BLOCK_N)): program (i, t) loads g = idx[i]; if g < 
 Every load is masked, so d_in, d_out and r need not be multiples of the blocks. Each program reads its
 group's factors straight from the stacks: no padded copy of the rows and no per-row copy of A or B. Rows
 of one group re-read the same factors, which stay in L2 at decode sizes (a few rows per group). Block
-sizes are fixed heuristics, not tuned on a GPU.
+sizes were chosen by timing on an H100 (below).
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-SHRINK_BLOCK_K = 128
+# Timed on an H100 under CUDA-graph replay (one llama1b layer's 7 modules, 64 rows over 32 adapters, rank 16, bf16):
+# shrink 89 µs a layer with blocks of 128 and 4 warps, 32 µs with 512; expand 1 warp a little faster than 4
+SHRINK_BLOCK_K = 512
 SHRINK_MAX_BLOCK_R = 32
-EXPAND_BLOCK_N = 64
+SHRINK_WARPS = 4
+EXPAND_BLOCK_N = 128
 EXPAND_MAX_BLOCK_R = 64
+EXPAND_WARPS = 1
 MIN_BLOCK_R = 16  # lower ranks are masked rather than given tiny (1-wide) blocks
 
 
@@ -97,7 +101,7 @@ def shrink(x: torch.Tensor, idx: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     _shrink_kernel[(n, triton.cdiv(rank, block_r))](
         x, idx, a, u, rank, d_in,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), u.stride(0), u.stride(1),
-        BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K)
+        BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, num_warps=SHRINK_WARPS)
     return u
 
 
@@ -111,5 +115,5 @@ def expand(u: torch.Tensor, idx: torch.Tensor, b: torch.Tensor, out: torch.Tenso
     _expand_kernel[(n, triton.cdiv(d_out, EXPAND_BLOCK_N))](
         u, idx, b, out, rank, d_out,
         u.stride(0), u.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-        BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r)
+        BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r, num_warps=EXPAND_WARPS)
     return out
