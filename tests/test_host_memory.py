@@ -50,9 +50,11 @@ def steady_faults(mode: str) -> dict:
 
 @pytest.mark.skipif(host_memory._glibc() is None or not os.path.exists("/proc/self/statm"), reason="glibc on Linux")
 def test_retained_memory_serves_the_next_steps_without_page_faults():
-    one_tensor = 768  # pages of one 3 MiB activation
+    one_tensor = 768  # pages of one 3 MiB activation; the 4 bursts allocate 32 of them
     retained = steady_faults("retain")
-    assert retained["retained"] and retained["faults"] < one_tensor, retained
+    # 0 on the CI machine; one activation's pages on an H100 host's glibc (Firecracker VM): either way the bursts
+    # reuse the heap instead of faulting their activations in again
+    assert retained["retained"] and retained["faults"] <= one_tensor, retained
     default = steady_faults("default")
     if default["faults"] < one_tensor:
         pytest.skip(f"this C library's defaults do not fault either ({default}): nothing was at stake")
