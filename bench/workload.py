@@ -74,7 +74,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: list[str], warm: list[str],
                ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "auto",
-               cuda_graphs: bool = True) -> dict:
+               cuda_graphs: bool = True, max_prefill_tokens: int = 512) -> dict:
     """Submit every request at once; throughput = generated tokens / (last finish - first submit)."""
     collector = Collector()
     host = max(device_capacity, 64)
@@ -84,7 +84,7 @@ def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: li
         for name in warm:
             manager.wait_resident(name, timeout=60)
         config = EngineConfig(max_slots=64, max_seq_len=len(ids[0]) + new + 8, observer=collector,
-                              merge_mode=merge_mode, cuda_graphs=cuda_graphs)
+                              merge_mode=merge_mode, cuda_graphs=cuda_graphs, max_prefill_tokens=max_prefill_tokens)
         with Engine(adapted, tokenizer, manager, config) as engine:
             engine.generate(task_ids[0], ids[0][:8], SamplingParams(max_new_tokens=2, ignore_eos=True))
             collector.records.clear()
@@ -172,6 +172,8 @@ def main() -> None:
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     ap.add_argument("--cuda-graphs", default="on", help="on the GPU, run every engine scenario with CUDA graphs of "
                     "decode steps on, off, or both side by side (on,off); the peers and the CPU ignore it")
+    ap.add_argument("--max-prefill-tokens", type=int, default=512, help="the engine's prompt tokens per step "
+                    "(serve --max-prefill-tokens)")
     a = ap.parse_args()
     if not set(a.grouped_kernels.split(",")) <= set(kernels.CHOICES):
         ap.error(f"--grouped-kernels takes {', '.join(kernels.CHOICES)}, not {a.grouped_kernels!r}")
@@ -207,7 +209,7 @@ def main() -> None:
                 ids = prompts(a.zipf_requests, a.prompt_len, vocab)
                 jobs.append((label, path, lambda many=many, tasks=tasks, ids=ids, on=not off:
                              run_engine(adapted, tokenizer, many, tasks, [], ids, a.new, device_capacity=32,
-                                        cuda_graphs=on)))
+                                        cuda_graphs=on, max_prefill_tokens=a.max_prefill_tokens)))
                 continue
             ids = prompts(a.requests, a.prompt_len, vocab)
             tasks = [""] * a.requests if k == 0 else [names[i % k] for i in range(a.requests)]
@@ -215,7 +217,8 @@ def main() -> None:
                 jobs.append((label if mode == "auto" else f"{label} ({mode})", path,
                              lambda k=k, tasks=tasks, ids=ids, mode=mode, on=not off:
                              run_engine(adapted, tokenizer, adapter_dir, tasks, names[:k], ids, a.new,
-                                        device_capacity=max(k, 1), merge_mode=mode, cuda_graphs=on)))
+                                        device_capacity=max(k, 1), merge_mode=mode, cuda_graphs=on,
+                                        max_prefill_tokens=a.max_prefill_tokens)))
     peers = [p for p in a.peers.split(",") if p]
     on = {"device": a.device, "dtype": getattr(torch, a.dtype)}
     hf_each_round = "hf" in peers and "base" in scenarios and a.rounds > 1
