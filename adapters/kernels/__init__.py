@@ -19,11 +19,13 @@ from . import cpu, reference
 BACKENDS = ("triton", "torch")
 CHOICES = ("auto", "torch", "triton")  # serve --grouped-kernels (`select`)
 log = logging.getLogger(__name__)
-# Off unless asked for (serve --grouped-kernels triton): on an H100, decode steps are bound by host work, and
-# two Triton launches per adapted module cost more host time than the torch path's two bmm calls (workload W:
-# a32 decode step 62 ms with the kernels, 39 ms without; BENCHMARKS.md, GPU)
+# In eager steps, off unless asked for (serve --grouped-kernels triton): on an H100 eager steps are bound by host
+# work, and two Triton launches per adapted module cost more host time than the torch path's two bmm calls
+# (workload W: a32 decode step 62 ms with the kernels, 39 ms without; BENCHMARKS.md, GPU)
 _enabled = False
-_in_graphs = True  # CUDA graphs of decode steps may serve adapters through the kernels (all but --grouped-kernels torch)
+# Inside CUDA graphs of decode steps (server/forward/graphs.py), where launches cost no host time: on unless
+# serve --grouped-kernels torch
+_in_graphs = True
 _verdicts: dict[tuple[torch.device, torch.dtype], bool] = {}  # kernels agree with the reference here
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of max|reference|
 
@@ -35,8 +37,9 @@ def enable(on: bool) -> None:
 
 
 def select(choice: str) -> None:
-    """Apply `serve --grouped-kernels`: "auto", the C kernel on CPU and plain torch on CUDA; "torch", plain torch
-    everywhere; "triton", the Triton kernels on CUDA (and the C kernel on CPU)."""
+    """Apply `serve --grouped-kernels`: "auto", the C kernel on CPU, and on CUDA plain torch in eager steps and the
+    Triton kernels inside CUDA graphs; "torch", plain torch everywhere (adapter rows then stay out of graphs);
+    "triton", the Triton kernels on CUDA in eager steps too (and the C kernel on CPU)."""
     if choice not in CHOICES:
         raise ValueError(f"grouped kernels must be one of {', '.join(CHOICES)}, not {choice!r}")
     global _in_graphs
