@@ -74,7 +74,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_engine(adapted: AdaptedModel, tokenizer, adapter_dir: Path, task_ids: list[str], warm: list[str],
                ids: list[list[int]], new: int, device_capacity: int, merge_mode: str = "auto",
-               cuda_graphs: bool = True, max_prefill_tokens: int = 512) -> dict:
+               cuda_graphs: bool = True, max_prefill_tokens: int | None = None) -> dict:
     """Submit every request at once; throughput = generated tokens / (last finish - first submit)."""
     collector = Collector()
     host = max(device_capacity, 64)
@@ -172,8 +172,8 @@ def main() -> None:
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     ap.add_argument("--cuda-graphs", default="on", help="on the GPU, run every engine scenario with CUDA graphs of "
                     "decode steps on, off, or both side by side (on,off); the peers and the CPU ignore it")
-    ap.add_argument("--max-prefill-tokens", type=int, default=512, help="the engine's prompt tokens per step "
-                    "(serve --max-prefill-tokens)")
+    ap.add_argument("--max-prefill-tokens", type=int, help="the engine's prompt tokens per step (as serve "
+                    "--max-prefill-tokens; default: the engine's, 512 on CPU and 4096 on CUDA)")
     a = ap.parse_args()
     if not set(a.grouped_kernels.split(",")) <= set(kernels.CHOICES):
         ap.error(f"--grouped-kernels takes {', '.join(kernels.CHOICES)}, not {a.grouped_kernels!r}")

@@ -75,7 +75,7 @@ class ServeOptions:
     metrics_adapter_label_limit: int = 100
     max_batch_size: int = 64  # sequences running at once
     max_seq_len: int | None = None  # prompt + output per sequence; None: min(2048, the model's limit)
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int | None = None  # None: 512 on CPU, 4096 on CUDA
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int | None = None
     kv_cache_gib: float = 1.0
@@ -97,7 +97,7 @@ class ServeOptions:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [0, 65535] (or negative to disable), got {self.metrics_port}")
         for flag in ("max_queued_requests", "max_batch_size", "max_prefill_tokens", "device_adapters"):
-            if getattr(self, flag) < 1:
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
         for flag, allowed in CHOICES.items():
             if getattr(self, flag) not in allowed:
@@ -500,7 +500,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="prompt + generated tokens per sequence (default: min(2048, the model's limit))")
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens, metavar="N",
-                   help="prompt tokens admitted per step (default %(default)s)")
+                   help="prompt tokens admitted per step (default: 512 on CPU, 4096 on CUDA)")
     p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens, metavar="N",
                    help="max_new_tokens of a request that sends 0 (default %(default)s)")
     p.add_argument("--max-new-tokens-limit", type=int, metavar="N",

@@ -63,7 +63,9 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # None = max_seq_len - 1
     max_new_tokens_limit: int | None = None  # the largest max_new_tokens accepted; None = max_seq_len - 1
     default_max_new_tokens: int = 256  # when a request asks for 0 / None (capped to fit the context)
-    max_prefill_tokens: int = 512  # prompt tokens admitted per step (one prompt is always admitted)
+    # prompt tokens admitted per step (one prompt is always admitted); None: 512 on CPU, 4096 on CUDA, where an eager
+    # prefill step costs host time whatever its size (docs/design.md §2)
+    max_prefill_tokens: int | None = None
     merge_mode: str = "auto"  # "auto" | "merge" | "batch" (see docs/design.md)
     merge_after_steps: int = 16  # auto: homogeneous steps in a row before merging
     prefetch_lookahead: int = 4  # queued requests whose adapters are warmed while no slot is free
@@ -81,10 +83,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode must be one of {', '.join(MERGE_MODES)}, got {self.merge_mode!r}")
-        for name in ("max_slots", "max_prefill_tokens", "default_max_new_tokens", "merge_after_steps"):
+        for name in ("max_slots", "default_max_new_tokens", "merge_after_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_seq_len", "kv_cache_max_bytes", "max_prompt_tokens", "max_new_tokens_limit"):
+        for name in ("max_seq_len", "kv_cache_max_bytes", "max_prompt_tokens", "max_new_tokens_limit",
+                     "max_prefill_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         if self.max_queued_requests < 0 or self.prefetch_lookahead < 0:
@@ -155,6 +158,7 @@ class Engine:
         self.max_prompt = min(config.max_prompt_tokens or self.max_seq_len - 1, self.max_seq_len - 1)
         self.max_new_limit = min(config.max_new_tokens_limit or self.max_seq_len - 1, self.max_seq_len - 1)
         self.cache = self.forward.new_cache(self._num_slots(), self.max_seq_len)
+        self.prefill_budget = config.max_prefill_tokens or (4096 if adapted.device.type == "cuda" else 512)
         self.graphs = (DecodeGraphs(self.forward, self.cache, adapted)
                        if config.cuda_graphs and adapted.device.type == "cuda" else None)
         # the most adapters a batch can stack: the factor pool need not grow (a copy) while serving
@@ -418,7 +422,7 @@ class Engine:
         with self._lock:
             queued = list(self._waiting)
         admitted: list[_Seq] = []
-        budget = self.config.max_prefill_tokens
+        budget = self.prefill_budget
         lookahead = self.config.prefetch_lookahead
         rows = Counter(s.adapter for s in self._running if s.adapter)  # running rows per adapter
         starved: _Seq | None = None  # the first request past adapter_wait_s

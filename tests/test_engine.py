@@ -653,10 +653,15 @@ def test_load_base_errors_say_what_is_wrong(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("merge_mode", "sometimes"), ("max_slots", 0), ("max_seq_len", 0),
-                                         ("max_queued_requests", -1)])
+                                         ("max_queued_requests", -1), ("max_prefill_tokens", 0)])
 def test_bad_engine_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
+
+
+def test_the_prefill_budget_is_the_configured_one_or_the_devices_default(world):
+    assert engine(world).prefill_budget == 512  # on CPU; 4096 on CUDA, where a prefill step costs host time
+    assert engine(world, max_prefill_tokens=6).prefill_budget == 6
 
 
 def test_real_manager_unload_mid_request_lets_it_finish(world, sequential):
