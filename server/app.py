@@ -83,7 +83,7 @@ class ServeOptions:
     adapter_wait: float = 2.0  # seconds a request waits for a device slot before it stops being overtaken
     host_adapters: int | None = None  # adapters kept in host memory; None: max(64, device_adapters)
     merge_mode: str = "auto"
-    grouped_kernels: str = "auto"  # auto: the C kernel on CPU, torch on CUDA; torch: torch everywhere; triton: on CUDA
+    grouped_kernels: str = "auto"  # auto: the C kernel on CPU; on CUDA Triton inside graphs, torch in eager steps
     cuda_graphs: str = "on"  # on CUDA, decode-only steps replay CUDA graphs
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads; None: torch's default
@@ -525,9 +525,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "triton, the Triton kernels on CUDA in eager steps too. Every kernel is checked against plain torch "
                    "at first use"),
     p.add_argument("--cuda-graphs", default=d.cuda_graphs, choices=CHOICES["cuda_graphs"],
-                   help="on CUDA, replay decode-only steps as CUDA graphs (captured per batch-size and length bucket "
-                   "at first use; adapters that are one low-rank pair go through the Triton kernels inside them, "
-                   "and --merge-mode auto stops merging); off runs every step eagerly. Ignored on CPU"),
+                   help="on CUDA, replay decode-only steps as CUDA graphs (one per batch-size bucket, captured when "
+                   "the engine starts, more for longer contexts as they come up; LoRA, MTL-LoRA and GIFT adapters go "
+                   "through the Triton kernels inside them, and --merge-mode auto stops merging); off runs every step "
+                   "eagerly. Ignored on CPU"),
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")

@@ -352,16 +352,16 @@ class Engine:
         admitted = self._admit()
         if not self._running:
             return False
-        # rows: running sequences first, then the new prompts, each part grouped by adapter (one slice each)
-        # each part in factor-pool slot order: a batch that keeps its adapters reads one run of the pool, and
-        # equal prompts of adapters in consecutive slots form a block that is stacked too
-        def by_slot(s: _Seq) -> tuple[int, tuple[int, int]]:
-            return self.adapted.stack_order(s.bound, s.task_index), s.key
-
         graphed = self._graph_step(admitted)
         if graphed is not None:
             order, logits = graphed
         else:
+            # rows: running sequences first, then the new prompts, each part grouped by adapter (one slice each)
+            # each part in factor-pool slot order: a batch that keeps its adapters reads one run of the pool, and
+            # equal prompts of adapters in consecutive slots form a block that is stacked too
+            def by_slot(s: _Seq) -> tuple[int, tuple[int, int]]:
+                return self.adapted.stack_order(s.bound, s.task_index), s.key
+
             order = sorted((s for s in self._running if s.kv_len > 0), key=by_slot) + sorted(admitted, key=by_slot)
             runs = [s.next_run() for s in order]
             self._plan_merge(order)
