@@ -3,6 +3,7 @@
 usage: python bench/workload.py [--fixture DIR] [--preset tiny|smol135|llama1b] [--rank 16]
                                 [--scenarios base,a1,a8,a32,zipf1000] [--peers peft,hf] [--threads 2] [--rounds 1]
                                 [--device cpu|cuda] [--dtype float32|bfloat16] [--grouped-kernels auto,torch,triton]
+                                [--cuda-graphs on,off] [--max-prefill-tokens N]
 Prints one JSON line per measurement and a markdown table for BENCHMARKS.md. The peers run on the engine's
 device and dtype.
 """
@@ -166,8 +167,9 @@ def main() -> None:
                     help="the dtype of the engine (base model and bound adapters) and of the peers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine and the peers run")
     ap.add_argument("--grouped-kernels", default="auto", help="the grouped-delta paths to run a8/a32/zipf1000 "
-                    "with, e.g. auto,torch (as serve --grouped-kernels: auto, the C kernel on CPU and torch on CUDA; "
-                    "torch, plain torch; triton, the Triton kernels on CUDA)")
+                    "with, e.g. auto,torch (as serve --grouped-kernels: auto, the C kernel on CPU, and on CUDA the "
+                    "Triton kernels inside graphs and torch in eager steps; torch, plain torch; triton, the Triton "
+                    "kernels on CUDA in eager steps too)")
     ap.add_argument("--merge-modes", default="auto", help="engine merge modes to run each scenario with (default: "
                     "the server's, auto), e.g. batch,auto (the `a1` scenario is the one a merge can speed up)")
     ap.add_argument("--cuda-graphs", default="on", help="on the GPU, run every engine scenario with CUDA graphs of "
