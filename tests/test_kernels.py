@@ -185,6 +185,10 @@ def interpreted() -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=180,
                          cwd=os.path.dirname(__file__))
+    if run.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in run.stderr:
+        # triton 3.6's interpreter converts a 1-element array to an int, which numpy >= 2.5 refuses (seen on the GPU
+        # image: numpy 2.5.2, triton 3.6.0); the compiled kernels are tested on CUDA beside it (-m gpu)
+        pytest.skip("this triton's interpreter does not run under this numpy (only 0-dimensional arrays ...)")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     return {"cases": {tuple(r["case"]): r for r in lines if "case" in r},
