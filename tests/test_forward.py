@@ -79,6 +79,32 @@ def test_prefill_then_decode_match_hf(setup, with_adapters):
             torch.testing.assert_close(out[row], ref, atol=ATOL, rtol=0)
 
 
+def test_equal_prompts_side_by_side_attend_as_one_block(setup):
+    """Three prompts of one length in consecutive rows (slots out of order) are one attention call per layer
+    (Gemma-2's soft-capping takes them one by one); every row, and a decode after them, equal HF's forward."""
+    arch, model, adapted, lora, mtl = setup
+    forward = build_forward(model)
+    cache = forward.new_cache(num_slots=5, max_seq_len=32)
+    seqs = prompts([5, 5, 5, 3, 5], seed=13)
+    slots = [3, 0, 2, 1, 4]
+    assign = [(lora, 0), (None, 0), (mtl, 1), (lora, 0), (mtl, 2)]
+    runs = [SeqRun(s.tolist(), slot, 0, False) for s, slot in zip(seqs, slots)]
+    step = build_step(runs, "cpu")
+    assert [(b.row, b.length, b.slots) for b in step.blocks] == [(0, 5, (3, 0, 2))]
+    assert [seg.row for seg in step.segments] == [15, 18]  # the shorter prompt, and the one after it
+    out = run(forward, adapted, cache, runs, assign, all_rows=True)
+    start = 0
+    for s, a in zip(seqs, assign):
+        torch.testing.assert_close(out[start:start + len(s)], hf_logits(model, adapted, s, a), atol=ATOL, rtol=0)
+        start += len(s)
+    seqs = [torch.cat([s, torch.tensor([4])]) for s in seqs]
+    by_slot = sorted(range(5), key=lambda i: slots[i])  # decodes need their slots packed: 0..4
+    out = run(forward, adapted, cache, [SeqRun([4], slots[i], len(seqs[i]) - 1, True) for i in by_slot],
+              [assign[i] for i in by_slot])
+    for row, i in enumerate(by_slot):
+        torch.testing.assert_close(out[row], hf_logits(model, adapted, seqs[i], assign[i])[-1], atol=ATOL, rtol=0)
+
+
 def test_decode_and_prefill_share_a_step(setup):
     """A running sequence decodes while a new prompt is prefilled in the same forward."""
     arch, model, adapted, lora, mtl = setup
