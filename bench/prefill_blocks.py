@@ -43,7 +43,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"one block": [], "one prompt at a time": []}
     for _ in range(a.reps):
         for way in times:
-            step_module._prompt_blocks = as_blocks if way == "one block" else (lambda segments, device: [])
+            step_module._prompt_blocks = as_blocks if way == "one block" else (lambda segments, device: ([], segments))
             start = time.perf_counter()
             with torch.no_grad(), adapted.batch([(None, 0)] * a.prompts, [a.length] * a.prompts):
                 forward(build_step(runs, a.device), cache).float().sum().item()  # waits for the device

@@ -131,7 +131,7 @@ def build_step(runs: Sequence[SeqRun], device: torch.device | str) -> StepInput:
     n = len(decode_by_slot)
     if sorted(decode_by_slot) != list(range(n)):
         raise ValueError(f"decode slots must be 0..{n - 1}, got {sorted(decode_by_slot)}")
-    blocks = _prompt_blocks(segments, device)
+    blocks, segments = _prompt_blocks(segments, device)
     rows = [decode_by_slot[s][0] for s in range(n)]
     pos = [decode_by_slot[s][1] for s in range(n)]
     return StepInput(
@@ -142,16 +142,15 @@ def build_step(runs: Sequence[SeqRun], device: torch.device | str) -> StepInput:
         decode_pos=device_tensor(pos, device) if n else None,
         decode_slots=torch.arange(n, device=device) if n else None,
         decode_lens=[p + 1 for p in pos],
-        segments=[seg for seg in segments if not any(b.row <= seg.row < b.row + len(b.slots) * b.length
-                                                     for b in blocks)],
+        segments=segments,
         blocks=blocks,
         logits_rows=device_tensor(last_rows, device),
     )
 
 
-def _prompt_blocks(segments: list[Segment], device: torch.device | str) -> list[PromptBlock]:
-    """Runs of two or more whole prompts of equal length in consecutive rows."""
-    blocks, i = [], 0
+def _prompt_blocks(segments: list[Segment], device: torch.device | str) -> tuple[list[PromptBlock], list[Segment]]:
+    """(runs of two or more whole prompts of equal length in consecutive rows, the segments in none of them)."""
+    blocks, singles, i = [], [], 0
     while i < len(segments):
         first, j = segments[i], i + 1
         while (j < len(segments) and first.past == 0 and segments[j].past == 0
@@ -160,8 +159,10 @@ def _prompt_blocks(segments: list[Segment], device: torch.device | str) -> list[
         if j - i >= 2:
             slots = tuple(seg.slot for seg in segments[i:j])
             blocks.append(PromptBlock(first.row, first.length, slots, device_tensor(slots, device)))
+        else:
+            singles.append(first)
         i = j
-    return blocks
+    return blocks, singles
 
 
 def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
