@@ -147,7 +147,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(stream):
-                if not self._graphs and not self.captures:  # before the first capture: lazy initialisation,
+                if not self.captures:  # before the first capture: lazy initialisation,
                     self._forward(rows, extent)  # Triton compilation (no other bucket needs its own warm-up)
                 # capture_begin/end rather than torch.cuda.graph, which also synchronises, collects garbage and
                 # empties the allocator's cache at every capture: 10-100 ms each in a server's process
